@@ -1,0 +1,292 @@
+"""`segqc`: the command line. Command names, options and JSON keys are a public contract: keep them.
+
+Bad input prints one line ``error: <file>: <problem>`` on stderr and exits with code 2.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, List, Optional
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .errors import DataSourceMissing, InputError, SegQCError
+from .qc import DEFAULT_FLAG_THRESHOLD, QCResult
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Quality control of medical image segmentations without ground truth.")
+console = Console()
+
+
+# --------------------------------------------------------------------------- helpers
+def write_json(data: dict[str, Any], path: Path, inputs: tuple[str | Path, ...] = ()) -> None:
+    """Write ``data`` as JSON atomically (temp file + rename); never over an input file."""
+    path = Path(path)
+    for source in inputs:
+        if Path(source).exists() and path.exists() and path.resolve() == Path(source).resolve():
+            raise InputError(path, "output would overwrite an input file; choose another output path")
+    if not path.parent.exists():
+        raise InputError(path, f"output folder {path.parent} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _check_new_output(path: Optional[Path], inputs: tuple[str | Path, ...]) -> None:
+    """Fail before any work when an output path is unusable."""
+    if path is None:
+        return
+    if not path.parent.exists():
+        raise InputError(path, f"output folder {path.parent} does not exist")
+    for source in inputs:
+        if Path(source).exists() and path.exists() and path.resolve() == Path(source).resolve():
+            raise InputError(path, "output would overwrite an input file; choose another output path")
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else ""
+    if isinstance(value, float):
+        return "inf" if math.isinf(value) else ("-" if math.isnan(value) else f"{value:.3f}")
+    return str(value)
+
+
+def print_result(result: QCResult, truth: QCResult | None = None, keys: tuple[str, ...] = ("dsc", "hd95")) -> None:
+    """Per-slice table (and truth beside it when given), then the volume scores."""
+    table = Table(title=f"{result.model} — {result.label}", show_lines=False)
+    table.add_column("slice", justify="right")
+    shown = [k for k in keys if any(k in row for row in result.slices)]
+    for key in shown:
+        table.add_column(key if truth is None else f"pred {key}", justify="right")
+    truth_rows = {row["index"]: row for row in truth.slices} if truth else {}
+    if truth:
+        for key in shown:
+            table.add_column(f"true {key}", justify="right")
+    table.add_column("flagged")
+    for row in result.slices:
+        cells = [str(row["index"])] + [_fmt(row.get(k, math.nan)) for k in shown]
+        if truth:
+            cells += [_fmt(truth_rows.get(row["index"], {}).get(k, math.nan)) for k in shown]
+        table.add_row(*cells, _fmt(row["flagged"]))
+    console.print(table)
+    volume = ", ".join(f"{k}={_fmt(v)}" for k, v in result.volume.items())
+    console.print(f"volume: {volume}")
+    if truth:
+        console.print("truth:  " + ", ".join(f"{k}={_fmt(v)}" for k, v in truth.volume.items()))
+    console.print(f"flagged slices (dsc < {result.threshold:g}): {len(result.flagged)} of {len(result.slices)}"
+                  f"; runtime {result.runtime_s:.2f} s")
+
+
+def _load_pair(image_path: Path, seg_path: Path, label: Optional[str]):
+    from .io import align_to_grid, binary_mask, read_segmentation, read_volume
+
+    image = read_volume(image_path)
+    seg = align_to_grid(read_segmentation(seg_path), image.grid)
+    mask, segment = binary_mask(seg, label)
+    return image, seg, mask, segment
+
+
+# --------------------------------------------------------------------------- commands
+@app.command("models")
+def models_cmd() -> None:
+    """List the installed QC models."""
+    from .qc import available_models
+
+    entries = available_models()
+    if not entries:
+        console.print("No QC model is installed yet. `segqc metrics` computes true metrics against a reference.")
+        return
+    table = Table("name", "kind", "description")
+    for entry in entries:
+        table.add_row(entry.name, entry.kind, entry.description)
+    console.print(table)
+
+
+@app.command("qc")
+def qc_cmd(
+    image: Path = typer.Argument(..., help="Image volume (NIfTI, NRRD, MHA or DICOM folder)."),
+    seg: Path = typer.Argument(..., help="Segmentation (label map, binary mask or .seg.nrrd)."),
+    label: Optional[str] = typer.Option(None, "--label", help="Structure to score: label value or name."),
+    name: Optional[str] = typer.Option(None, "--name", help="Structure name for an unnamed mask (text models)."),
+    model: Optional[str] = typer.Option(None, "--model", help="QC model (see `segqc models`); default: best installed."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    threshold: float = typer.Option(DEFAULT_FLAG_THRESHOLD, "--threshold", help="Flag slices with pseudo-DSC below this."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON here."),
+    pgt_out: Optional[Path] = typer.Option(None, "--pgt", help="Write the pseudo ground truth here (pGT models)."),
+) -> None:
+    """Score a segmentation without ground truth: per-slice and volume pseudo-scores."""
+    from .io import write_mask
+    from .qc import available_models, default_model_name, load_model, resolve_device
+
+    inputs = (image, seg)
+    _check_new_output(json_out, inputs)
+    _check_new_output(pgt_out, inputs)
+    resolved = resolve_device(device)
+    model_name = model or default_model_name()
+    if model_name is None:
+        raise InputError("--model", "no QC model is installed yet (`segqc models` lists them)")
+    entry = {e.name: e for e in available_models()}.get(model_name)
+    if entry is not None and pgt_out is not None and entry.kind != "reconstruction":
+        raise InputError("--pgt", f"model {model_name} gives no pseudo ground truth")
+    img, _, mask, segment = _load_pair(image, seg, label)
+    qc_model = load_model(model_name, resolved)
+    result = qc_model.assess(img, mask, name or segment.name, threshold=threshold)
+    print_result(result)
+    if json_out:
+        write_json(result.to_json_dict(), json_out, inputs)
+    if pgt_out is not None and result.pgt is not None:
+        write_mask(result.pgt, img.grid, pgt_out, inputs)
+
+
+@app.command("metrics")
+def metrics_cmd(
+    seg: Path = typer.Argument(..., help="Segmentation to evaluate."),
+    ref: Path = typer.Argument(..., help="Reference (ground truth) segmentation on the same grid."),
+    label: Optional[str] = typer.Option(None, "--label", help="Structure: label value or name (in each multi-label file)."),
+    threshold: float = typer.Option(DEFAULT_FLAG_THRESHOLD, "--threshold", help="Flag slices with DSC below this."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON here."),
+) -> None:
+    """True metrics against a reference: DSC, IoU, HD95, ASD, MHD, MHD95, neg-exp MHD, per slice and volume."""
+    from .io import align_to_grid, read_segmentation
+    from .qc import compare_to_reference
+
+    _check_new_output(json_out, (seg, ref))
+    reference = read_segmentation(ref)
+    pred = align_to_grid(read_segmentation(seg), reference.grid)
+    ref_segment = reference.find(label if len(reference.segments) != 1 else None)
+    pred_segment = pred.find(label if len(pred.segments) != 1 else None) if pred.segments else None
+    ref_mask = reference.layers[ref_segment.layer] == ref_segment.value
+    pred_mask = (pred.layers[pred_segment.layer] == pred_segment.value) if pred_segment else pred.layers[0] > 0
+    result = compare_to_reference(pred_mask, ref_mask, reference.grid.spacing, ref_segment.name, threshold)
+    print_result(result, keys=("dsc", "iou", "hd95", "asd"))
+    if json_out:
+        write_json(result.to_json_dict(), json_out, (seg, ref))
+
+
+@app.command("degrade")
+def degrade_cmd(
+    seg: Path = typer.Argument(..., help="Segmentation to degrade (label map or binary mask)."),
+    dsc_band: tuple[float, float] = typer.Option(..., "--dsc-band", help="Target DSC band LO HI, e.g. 0.5 0.75."),
+    seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same output)."),
+    label: Optional[str] = typer.Option(None, "--label", help="Degrade only this structure (value or name)."),
+    out: Path = typer.Option(..., "-o", "--out", help="Output file (.nii.gz, .nrrd or .seg.nrrd)."),
+) -> None:
+    """Synthetic degradation of a segmentation into a requested DSC band (nnQC's degradations)."""
+    import numpy as np
+
+    from .degrade import degrade_to_band
+    from .io import Segmentation, read_segmentation, write_segmentation
+
+    lo, hi = dsc_band
+    if not 0.0 <= lo < hi <= 1.0:
+        raise InputError("--dsc-band", f"band [{lo}, {hi}] is not inside [0, 1] with LO < HI")
+    _check_new_output(out, (seg,))
+    source = read_segmentation(seg)
+    if label is not None:
+        segment = source.find(label)
+        labels = (source.layers[segment.layer] == segment.value).astype(np.uint8)
+        names = {1: segment.name}
+    else:
+        labels, names = source.labelmap, {s.value: s.name for s in source.segments}
+    if not labels.any():
+        raise InputError(seg, "mask is empty: nothing to degrade")
+    degraded, achieved = degrade_to_band(labels, (lo, hi), seed=seed)
+    out_seg = Segmentation.from_labelmap(degraded, source.grid, names if source.named or label else None,
+                                         name=str(out))
+    write_segmentation(out_seg, out, (seg,))
+    console.print(f"wrote {out}: DSC vs input = {achieved:.4f} (band [{lo}, {hi}], seed {seed})")
+
+
+@app.command("fingerprint")
+def fingerprint_cmd(
+    dataset: Path = typer.Argument(..., help="MSD / nnU-Net folder with dataset.json, or a CSV of pairs."),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Write the fingerprint JSON here."),
+) -> None:
+    """Dataset fingerprint: median spacing, foreground size, orientation, intensity percentiles, labels."""
+    from .fingerprint import fingerprint_dataset
+
+    _check_new_output(out, (dataset,))
+    fp = fingerprint_dataset(dataset)
+    text = json.dumps(fp.to_dict(), indent=2)
+    console.print_json(text)
+    if out:
+        write_json(fp.to_dict(), out, (dataset,))
+
+
+@app.command("demo")
+def demo_cmd(
+    structure: str = typer.Option("Hippocampus_L", "--structure", help="AAL structure of Colin27 to use."),
+    band: tuple[float, float] = typer.Option((0.5, 0.75), "--dsc-band", help="DSC band of the degradation."),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("auto", "--device"),
+) -> None:
+    """On installed sample data: degrade a structure, run the best installed model, show truth beside it."""
+    from .data.sources import colin27
+    from .degrade import degrade_to_band
+    from .qc import compare_to_reference, default_model_name, load_model, resolve_device
+
+    subject = colin27("aal")
+    truth_mask = subject.segmentation.mask(structure)
+    segment = subject.segmentation.find(structure)
+    degraded, achieved = degrade_to_band(truth_mask.astype("uint8"), band, seed=seed)
+    degraded = degraded > 0
+    console.print(f"Colin27 {segment.name}: degraded to true DSC {achieved:.3f} (band {band[0]}-{band[1]}, seed {seed})")
+    truth = compare_to_reference(degraded, truth_mask, subject.image.spacing, segment.name)
+    model_name = default_model_name()
+    if model_name is None:
+        console.print("[yellow]No QC model is installed yet: showing the true metrics only. "
+                      "Models come with SegQC's model issues (Quality Sentinel, nnQC, QANet).[/yellow]")
+        print_result(truth)
+        return
+    result = load_model(model_name, resolve_device(device)).assess(subject.image, degraded, segment.name)
+    print_result(result, truth)
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", help="Print the version and exit.")) -> None:
+    if version:
+        console.print(f"segqc {__version__}")
+        raise typer.Exit()
+
+
+# --------------------------------------------------------------------------- entry point
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run the CLI; bad input -> one line on stderr and exit code 2."""
+    try:
+        app(args=argv, prog_name="segqc", standalone_mode=False)
+    except (InputError, DataSourceMissing) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except click.exceptions.Exit as err:
+        return err.exit_code
+    except click.ClickException as err:
+        err.show()
+        return err.exit_code
+    except click.exceptions.Abort:
+        print("aborted", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except SegQCError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
