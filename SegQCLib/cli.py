@@ -136,13 +136,13 @@ def qc_cmd(
     _check_new_output(json_out, inputs)
     _check_new_output(pgt_out, inputs)
     resolved = resolve_device(device)
+    img, _, mask, segment = _load_pair(image, seg, label)
     model_name = model or default_model_name()
     if model_name is None:
         raise InputError("--model", "no QC model is installed yet (`segqc models` lists them)")
     entry = {e.name: e for e in available_models()}.get(model_name)
     if entry is not None and pgt_out is not None and entry.kind != "reconstruction":
         raise InputError("--pgt", f"model {model_name} gives no pseudo ground truth")
-    img, _, mask, segment = _load_pair(image, seg, label)
     qc_model = load_model(model_name, resolved)
     result = qc_model.assess(img, mask, name or segment.name, threshold=threshold)
     print_result(result)
@@ -165,8 +165,9 @@ def metrics_cmd(
     from .qc import compare_to_reference
 
     _check_new_output(json_out, (seg, ref))
+    pred_file = read_segmentation(seg)
     reference = read_segmentation(ref)
-    pred = align_to_grid(read_segmentation(seg), reference.grid)
+    pred = align_to_grid(pred_file, reference.grid)
     ref_segment = reference.find(label if len(reference.segments) != 1 else None)
     pred_segment = pred.find(label if len(pred.segments) != 1 else None) if pred.segments else None
     ref_mask = reference.layers[ref_segment.layer] == ref_segment.value

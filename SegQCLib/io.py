@@ -190,10 +190,36 @@ def _read_sitk(path: str | Path) -> sitk.Image:
     if path.stat().st_size == 0:
         raise InputError(path, "file is empty")
     try:
-        return sitk.ReadImage(str(path))
+        image = sitk.ReadImage(str(path))
     except RuntimeError as err:
         detail = str(err).strip().splitlines()[-1][:200] if str(err).strip() else ""
         raise InputError(path, f"cannot read: corrupt or unsupported image file ({detail})") from None
+    if path.name.lower().endswith((".nii", ".nii.gz")) and image.GetDimension() == 3 \
+            and image.GetNumberOfComponentsPerPixel() == 1:
+        image = _with_nifti_voxels(image, path)
+    return image
+
+
+def _with_nifti_voxels(image: sitk.Image, path: Path) -> sitk.Image:
+    """Re-read a NIfTI file's voxels with nibabel, keeping ITK's geometry.
+
+    ITK's NIfTI reader silently zero-fills a truncated ``.nii.gz`` and turns NaN voxels into 0, so
+    it would hide exactly the corrupt inputs SegQC must report; nibabel raises on the first and
+    keeps the second. Geometry (qform/sform choice, LPS direction) stays ITK's.
+    """
+    import nibabel
+
+    try:
+        data = np.asanyarray(nibabel.load(str(path)).dataobj)
+    except Exception as err:  # nibabel raises several types (EOFError, zlib.error, ImageFileError, ...)
+        raise InputError(path, f"cannot read: corrupt image file ({str(err).strip()[:200]})") from None
+    data = np.ascontiguousarray(data.T)  # (x, y, z[, t]) -> (z, y, x)
+    if data.shape != sitk.GetArrayViewFromImage(image).shape:
+        raise InputError(path, f"cannot read: voxel array {data.shape} does not match its header")
+    fixed = sitk.GetImageFromArray(data.astype(sitk.GetArrayViewFromImage(image).dtype, copy=False)
+                                   if not np.issubdtype(data.dtype, np.floating) else data)
+    fixed.CopyInformation(image)
+    return fixed
 
 
 def _read_dicom_series(folder: Path) -> sitk.Image:

@@ -1,0 +1,572 @@
+"""SegQC: quality control of segmentations in 3D Slicer.
+
+Four classes, as every scripted module has: ``SegQC`` (module description), ``SegQCWidget`` (the
+panel; thin: it reads its inputs and calls the Logic), ``SegQCLogic`` (all the work, on MRML nodes)
+and ``SegQCTest`` (the in-Slicer self-test).
+
+The Logic runs without the Slicer application: with only the ``slicer-core`` wheel (real MRML and
+``slicer.util``, but no ``qt``, ``ctk``, ``slicer.ScriptedLoadableModule`` or ``slicer.util.load*``),
+which is how the project's pytest suite exercises it. So everything Qt is imported behind a guard,
+the Logic takes and returns MRML nodes, and ``SegQCLib`` (the pure-Python library installed beside
+this module) is imported inside the Logic's methods: the module still loads in Slicer when a
+dependency of a QC model (PyTorch) is not installed yet.
+
+Geometry conventions: numpy arrays are indexed ``[k, j, i]`` = ``[z, y, x]`` (as
+``slicer.util.arrayFromVolume`` returns them); ``SegQCLib`` uses ITK's LPS physical space, MRML uses
+RAS, and the Logic converts between the two (flip the sign of the first two axes).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+import unittest
+
+import numpy as np
+import slicer
+import vtk
+
+try:  # the Slicer application (Qt)
+    import qt
+    from slicer.ScriptedLoadableModule import (
+        ScriptedLoadableModule,
+        ScriptedLoadableModuleLogic,
+        ScriptedLoadableModuleTest,
+        ScriptedLoadableModuleWidget,
+    )
+
+    SLICER_APP = True
+except ImportError:  # headless: the slicer-core wheel only. Plain stand-ins keep the classes importable.
+    qt = None
+    SLICER_APP = False
+
+    class ScriptedLoadableModule:  # noqa: D101 - stand-in, never instantiated headless
+        def __init__(self, parent=None):
+            self.parent = parent
+
+    class ScriptedLoadableModuleWidget:  # noqa: D101 - stand-in, never instantiated headless
+        def __init__(self, parent=None):
+            self.parent = parent
+
+    class ScriptedLoadableModuleLogic:  # noqa: D101
+        def __init__(self, parent=None):
+            self.parent = parent
+
+    class ScriptedLoadableModuleTest(unittest.TestCase):  # noqa: D101
+        def delayDisplay(self, message, msec=1000):
+            logging.info(message)
+
+try:
+    from slicer.i18n import tr as _
+    from slicer.i18n import translate
+except ImportError:
+
+    def _(text):
+        return text
+
+    def translate(context, text):
+        return text
+
+
+#: Name of the pseudo-model that compares a segment with a reference segment (true metrics).
+REFERENCE_MODEL = "reference"
+
+#: Metric columns of the result table, in this order (others a model adds follow, sorted).
+METRIC_COLUMNS = ("dsc", "iou", "hd95", "asd", "mhd", "mhd95", "nemhd")
+
+_METRIC_UNITS = {"hd95": "mm", "asd": "mm", "mhd": "mm", "mhd95": "mm"}
+_METRIC_DESCRIPTIONS = {
+    "slice": "Axial slice index k of the volume (0-based, array order)",
+    "dsc": "Dice similarity coefficient",
+    "iou": "Intersection over union (Jaccard)",
+    "hd95": "95th percentile Hausdorff distance",
+    "asd": "Average symmetric surface distance",
+    "mhd": "Modified Hausdorff distance",
+    "mhd95": "95th percentile modified Hausdorff distance",
+    "nemhd": "Negative-exponential modified Hausdorff distance, exp(-MHD)",
+    "flagged": "1 when the slice's DSC is below the threshold",
+}
+
+#: Node reference roles and attribute names the Logic writes on result tables.
+VOLUME_REFERENCE_ROLE = "SegQCVolume"
+SEGMENTATION_REFERENCE_ROLE = "SegQCSegmentation"
+ATTRIBUTE_PREFIX = "SegQC."
+
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+
+
+#
+# SegQC
+#
+
+
+class SegQC(ScriptedLoadableModule):
+    """Module description shown by Slicer (title, category, help)."""
+
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("SegQC")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Quality Control")]
+        self.parent.dependencies = []
+        self.parent.contributors = ["SegQC developers"]
+        self.parent.helpText = _(
+            "Quality control of segmentations: per-slice scores (worst slices first; a click on a row"
+            " jumps the slice views there), flagged slices below a DSC threshold. With a reference"
+            " segmentation the scores are the true metrics (DSC, IoU, HD95, ASD, MHD); QC models"
+            " predict them without a reference."
+        )
+        self.parent.acknowledgementText = _(
+            "SegQC reimplements published segmentation quality-control methods; see the model cards"
+            " shipped with the extension for the data and metrics of each model."
+        )
+
+
+#
+# SegQCWidget
+#
+
+
+class SegQCWidget(ScriptedLoadableModuleWidget):
+    """The module panel: inputs, Run, a results table. All computation is in :class:`SegQCLogic`."""
+
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        self.logic = None
+        self.ui = None
+
+    def setup(self):
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/SegQC.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+
+        self.logic = SegQCLogic()
+
+        self.ui.modelComboBox.addItem(_("Reference segmentation (true metrics)"), REFERENCE_MODEL)
+        try:
+            for name in self.logic.availableModels():
+                self.ui.modelComboBox.addItem(name, name)
+        except Exception as err:  # a model's dependency missing must not break the panel
+            logging.warning(f"SegQC: QC models unavailable: {err}")
+
+        self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateGUI)
+        self.ui.segmentSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateGUI)
+        self.ui.segmentSelector.connect("currentSegmentChanged(QString)", self.updateGUI)
+        self.ui.referenceSegmentSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateGUI)
+        self.ui.referenceSegmentSelector.connect("currentSegmentChanged(QString)", self.updateGUI)
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.updateGUI)
+        self.ui.forceCpuCheckBox.connect("toggled(bool)", self.updateGUI)
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.resultsTableView.connect("clicked(QModelIndex)", self.onResultClicked)
+
+        self.ui.progressBar.setVisible(False)
+        self.updateGUI()
+
+    def cleanup(self):
+        pass
+
+    def selectedModel(self):
+        return self.ui.modelComboBox.itemData(self.ui.modelComboBox.currentIndex)
+
+    def updateGUI(self, *_args):
+        """Enable Run when the inputs the chosen model needs are set; show the device in use."""
+        useReference = self.selectedModel() == REFERENCE_MODEL
+        self.ui.referenceSegmentSelector.setEnabled(useReference)
+        self.ui.forceCpuCheckBox.setEnabled(not useReference)
+        ready = bool(
+            self.ui.inputVolumeSelector.currentNode()
+            and self.ui.segmentSelector.currentNode()
+            and self.ui.segmentSelector.currentSegmentID()
+        )
+        if useReference:
+            ready = ready and bool(
+                self.ui.referenceSegmentSelector.currentNode() and self.ui.referenceSegmentSelector.currentSegmentID()
+            )
+            self.ui.deviceLabel.text = _("not needed")
+        else:
+            try:
+                self.ui.deviceLabel.text = self.logic.device(self.ui.forceCpuCheckBox.checked)
+            except Exception as err:
+                self.ui.deviceLabel.text = str(err)
+        self.ui.applyButton.enabled = ready
+
+    def onProgress(self, fraction, message=""):
+        self.ui.progressBar.value = int(round(100 * fraction))
+        if message:
+            self.ui.progressBar.setFormat(f"{message} %p%")
+        slicer.app.processEvents()
+
+    def onApplyButton(self):
+        volumeNode = self.ui.inputVolumeSelector.currentNode()
+        segmentationNode = self.ui.segmentSelector.currentNode()
+        segmentId = self.ui.segmentSelector.currentSegmentID()
+        tableNode = self.ui.outputTableSelector.currentNode()
+        threshold = self.ui.thresholdSliderWidget.value
+        model = self.selectedModel()
+        self.ui.progressBar.setVisible(True)
+        self.ui.progressBar.value = 0
+        try:
+            with slicer.util.tryWithErrorDisplay(_("SegQC failed."), waitCursor=True):
+                if model == REFERENCE_MODEL:
+                    tableNode = self.logic.compareSegments(
+                        volumeNode, segmentationNode, segmentId,
+                        self.ui.referenceSegmentSelector.currentNode(),
+                        self.ui.referenceSegmentSelector.currentSegmentID(),
+                        threshold=threshold, tableNode=tableNode, progressCallback=self.onProgress,
+                    )
+                else:
+                    tableNode = self.logic.assessSegment(
+                        volumeNode, segmentationNode, segmentId, model,
+                        device=self.logic.device(self.ui.forceCpuCheckBox.checked),
+                        threshold=threshold, tableNode=tableNode, progressCallback=self.onProgress,
+                    )
+                self.ui.outputTableSelector.setCurrentNode(tableNode)
+                self.ui.resultsTableView.setMRMLTableNode(tableNode)
+                dscColumn = tableNode.GetColumnIndex("dsc")
+                if dscColumn >= 0:  # worst slices first
+                    self.ui.resultsTableView.sortByColumn(dscColumn, qt.Qt.AscendingOrder)
+                self.ui.summaryLabel.text = self.logic.summary(self.logic.lastResult)
+                slicer.util.setSliceViewerLayers(background=volumeNode)
+        finally:
+            self.ui.progressBar.setVisible(False)
+
+    def onResultClicked(self, index):
+        """Jump the slice views to the slice of the clicked row (column 0 holds the slice index)."""
+        tableNode = self.ui.resultsTableView.mrmlTableNode()
+        if tableNode is None:
+            return
+        volumeNode = tableNode.GetNodeReference(VOLUME_REFERENCE_ROLE) or self.ui.inputVolumeSelector.currentNode()
+        try:
+            sliceIndex = int(float(index.sibling(index.row(), 0).data()))
+        except (TypeError, ValueError):
+            return
+        if volumeNode is None:
+            return
+        r, a, s = self.logic.sliceRAS(volumeNode, sliceIndex)
+        slicer.modules.markups.logic().JumpSlicesToLocation(r, a, s, True)
+
+
+#
+# SegQCLogic
+#
+
+
+class SegQCLogic(ScriptedLoadableModuleLogic):
+    """SegQC computations on MRML nodes; usable headless (``slicer-core`` only, no Qt).
+
+    ``lastResult`` holds the :class:`SegQCLib.qc.QCResult` of the latest run.
+    """
+
+    def __init__(self):
+        ScriptedLoadableModuleLogic.__init__(self)
+        self.lastResult = None
+
+    # ------------------------------------------------------------------ geometry and arrays
+    @staticmethod
+    def ijkToWorldMatrix(volumeNode) -> np.ndarray:
+        """4x4 IJK -> world RAS matrix of ``volumeNode``, including a linear parent transform."""
+        matrix = vtk.vtkMatrix4x4()
+        volumeNode.GetIJKToRASMatrix(matrix)
+        ijkToRas = slicer.util.arrayFromVTKMatrix(matrix)
+        transformNode = volumeNode.GetParentTransformNode()
+        if transformNode is not None:
+            if not transformNode.IsTransformToWorldLinear():
+                from SegQCLib.errors import InputError
+
+                raise InputError(volumeNode.GetName(), "has a non-linear parent transform: harden it first")
+            toWorld = vtk.vtkMatrix4x4()
+            transformNode.GetMatrixTransformToWorld(toWorld)
+            ijkToRas = slicer.util.arrayFromVTKMatrix(toWorld) @ ijkToRas
+        return ijkToRas
+
+    @classmethod
+    def gridFromNode(cls, volumeNode):
+        """:class:`SegQCLib.volume.Grid` of a volume node: shape and spacing (z, y, x), LPS origin/direction."""
+        from SegQCLib.volume import Grid
+
+        imageData = volumeNode.GetImageData()
+        if imageData is None:
+            from SegQCLib.errors import InputError
+
+            raise InputError(volumeNode.GetName(), "volume has no image data")
+        shape = tuple(reversed(imageData.GetDimensions()))
+        ijkToWorld = cls.ijkToWorldMatrix(volumeNode)
+        if volumeNode.GetParentTransformNode() is None:
+            spacingXYZ = np.asarray(volumeNode.GetSpacing(), dtype=float)
+        else:  # a transform may scale: spacing is the length of each index axis in world space
+            spacingXYZ = np.linalg.norm(ijkToWorld[:3, :3], axis=0)
+        directionRas = ijkToWorld[:3, :3] / spacingXYZ  # columns: unit vectors of i, j, k
+        directionLps = _LPS_TO_RAS @ directionRas
+        originLps = _LPS_TO_RAS @ ijkToWorld[:3, 3]
+        return Grid(shape, tuple(spacingXYZ[::-1]), tuple(originLps), tuple(directionLps.ravel()))
+
+    @classmethod
+    def volumeFromNode(cls, volumeNode):
+        """The node's voxels and geometry as a :class:`SegQCLib.volume.Volume` (a copy of the voxels).
+
+        Array (z, y, x) from ``slicer.util.arrayFromVolume``; spacing (z, y, x) mm; origin and
+        direction converted from the node's IJK-to-RAS matrix to ITK's LPS convention.
+        """
+        from SegQCLib.volume import Volume
+
+        grid = cls.gridFromNode(volumeNode)
+        array = np.array(slicer.util.arrayFromVolume(volumeNode), copy=True)
+        return Volume(array, grid, volumeNode.GetName())
+
+    @staticmethod
+    def segmentMask(segmentationNode, segmentId, referenceVolumeNode) -> np.ndarray:
+        """Bool mask (z, y, x) of one segment resampled onto ``referenceVolumeNode``'s voxel grid."""
+        from SegQCLib.errors import InputError
+
+        if segmentationNode is None or not segmentId:
+            raise InputError("segmentation", "no segmentation or segment selected")
+        segment = segmentationNode.GetSegmentation().GetSegment(segmentId)
+        if segment is None:
+            raise InputError(segmentationNode.GetName(), f"has no segment with ID {segmentId!r}")
+        labelmap = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, referenceVolumeNode)
+        shape = tuple(reversed(referenceVolumeNode.GetImageData().GetDimensions()))
+        if labelmap.shape != shape:
+            raise InputError(segmentationNode.GetName(),
+                             f"segment {segment.GetName()!r} exported as {labelmap.shape}, volume is {shape}")
+        return labelmap > 0
+
+    @classmethod
+    def sliceRAS(cls, volumeNode, sliceIndex: int) -> tuple[float, float, float]:
+        """World RAS position (mm) of the centre of axial slice ``sliceIndex`` (k, array index z)."""
+        nx, ny, nz = volumeNode.GetImageData().GetDimensions()
+        if not 0 <= int(sliceIndex) < nz:
+            from SegQCLib.errors import InputError
+
+            raise InputError(volumeNode.GetName(), f"slice {sliceIndex} is outside 0..{nz - 1}")
+        ijk = np.array([(nx - 1) / 2.0, (ny - 1) / 2.0, float(sliceIndex), 1.0])
+        ras = cls.ijkToWorldMatrix(volumeNode) @ ijk
+        return float(ras[0]), float(ras[1]), float(ras[2])
+
+    # ------------------------------------------------------------------ models and devices
+    @staticmethod
+    def availableModels() -> list[str]:
+        """Names of the installed QC models (``SegQCLib.qc.available_models``)."""
+        from SegQCLib import qc
+
+        return [entry.name for entry in qc.available_models()]
+
+    @staticmethod
+    def device(forceCpu: bool = False) -> str:
+        """``"cpu"`` or ``"cuda"``: CUDA when a GPU is usable and ``forceCpu`` is off."""
+        from SegQCLib import qc
+
+        try:
+            return qc.resolve_device("cpu" if forceCpu else "auto")
+        except ImportError:  # no PyTorch installed yet: nothing can run on a GPU
+            return "cpu"
+
+    # ------------------------------------------------------------------ QC
+    def compareSegments(self, volumeNode, segmentationNode, segmentId, referenceSegmentationNode,
+                        referenceSegmentId, threshold: float = 0.8, tableNode=None, progressCallback=None):
+        """True metrics of a segment against a reference segment, per axial slice and per volume.
+
+        Both segments are resampled onto ``volumeNode``'s grid; distances use its spacing (mm).
+        Neither segmentation is modified. Returns the result table node (``tableNode`` or a new
+        one; see :meth:`resultToTable`); the :class:`QCResult` is kept in ``self.lastResult``.
+        """
+        from SegQCLib import metrics
+        from SegQCLib.qc import QCResult
+
+        start = time.perf_counter()
+        progress = progressCallback or (lambda fraction, message="": None)
+        progress(0.0, _("Exporting segments"))
+        spacing = self.gridFromNode(volumeNode).spacing
+        pred = self.segmentMask(segmentationNode, segmentId, volumeNode)
+        ref = self.segmentMask(referenceSegmentationNode, referenceSegmentId, volumeNode)
+        progress(0.2, _("Per-slice metrics"))
+        sliceRows = metrics.slice_metrics(pred, ref, spacing)
+        progress(0.8, _("Volume metrics"))
+        volumeScores = metrics.volume_metrics(pred, ref, spacing)
+        label = segmentationNode.GetSegmentation().GetSegment(segmentId).GetName()
+        referenceName = referenceSegmentationNode.GetSegmentation().GetSegment(referenceSegmentId).GetName()
+        result = QCResult.from_slice_scores(
+            model=REFERENCE_MODEL, label=label, volume=volumeScores, slice_rows=sliceRows, threshold=threshold,
+            runtime_s=time.perf_counter() - start,
+            extra={"reference": f"{referenceSegmentationNode.GetName()}/{referenceName}"},
+        )
+        self.lastResult = result
+        tableNode = self.resultToTable(result, tableNode)
+        self._linkTable(tableNode, volumeNode, segmentationNode, segmentId)
+        progress(1.0, _("Done"))
+        return tableNode
+
+    def assessSegment(self, volumeNode, segmentationNode, segmentId, modelName: str, device: str = "auto",
+                      threshold: float = 0.8, tableNode=None, progressCallback=None):
+        """Scores of a segment by the QC model ``modelName`` (no reference needed).
+
+        Returns the result table node; the :class:`QCResult` is kept in ``self.lastResult``.
+        """
+        from SegQCLib import qc
+
+        start = time.perf_counter()
+        progress = progressCallback or (lambda fraction, message="": None)
+        progress(0.0, _("Loading model"))
+        model = qc.load_model(modelName, device)
+        progress(0.1, _("Exporting segment"))
+        image = self.volumeFromNode(volumeNode)
+        mask = self.segmentMask(segmentationNode, segmentId, volumeNode)
+        label = segmentationNode.GetSegmentation().GetSegment(segmentId).GetName()
+        progress(0.2, _("Scoring"))
+        result = model.assess(image, mask, label, threshold=threshold)
+        if not result.runtime_s:
+            result.runtime_s = time.perf_counter() - start
+        self.lastResult = result
+        tableNode = self.resultToTable(result, tableNode)
+        self._linkTable(tableNode, volumeNode, segmentationNode, segmentId)
+        progress(1.0, _("Done"))
+        return tableNode
+
+    @staticmethod
+    def resultColumns(result) -> list[str]:
+        """Table columns for ``result``: ``slice``, the metrics (known ones first), ``flagged``."""
+        keys = set()
+        for row in result.slices:
+            keys.update(row)
+        if not result.slices:
+            keys.update(result.volume)
+        keys -= {"index", "flagged"}
+        metricsColumns = [k for k in METRIC_COLUMNS if k in keys] + sorted(keys - set(METRIC_COLUMNS))
+        return ["slice", *metricsColumns, "flagged"]
+
+    @classmethod
+    def resultToTable(cls, result, tableNode=None):
+        """Write a :class:`QCResult` into a table node (new one when ``tableNode`` is None).
+
+        One row per scored slice, in increasing slice order: ``slice`` (int), the metric columns
+        (double; infinite or missing values are NaN), ``flagged`` (int 0/1). The volume scores,
+        model, label and threshold are stored as node attributes ``SegQC.<name>``.
+        """
+        if tableNode is None:
+            name = slicer.mrmlScene.GenerateUniqueName(f"SegQC {result.label}")
+            tableNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", name)
+        columns = cls.resultColumns(result)
+        wasModifying = tableNode.StartModify()
+        try:
+            tableNode.RemoveAllColumns()
+            for column in columns:
+                if column == "slice":
+                    array = vtk.vtkIntArray()
+                    values = [int(row["index"]) for row in result.slices]
+                elif column == "flagged":
+                    array = vtk.vtkIntArray()
+                    values = [int(bool(row.get("flagged", False))) for row in result.slices]
+                else:
+                    array = vtk.vtkDoubleArray()
+                    values = [_finiteOrNan(row.get(column)) for row in result.slices]
+                array.SetName(column)
+                array.SetNumberOfTuples(len(values))
+                for i, value in enumerate(values):
+                    array.SetValue(i, value)
+                tableNode.AddColumn(array)
+                if column in _METRIC_DESCRIPTIONS:
+                    tableNode.SetColumnDescription(column, _METRIC_DESCRIPTIONS[column])
+                if column in _METRIC_UNITS:
+                    tableNode.SetColumnUnitLabel(column, _METRIC_UNITS[column])
+            for attribute in list(tableNode.GetAttributeNames() or ()):
+                if attribute.startswith(ATTRIBUTE_PREFIX):
+                    tableNode.RemoveAttribute(attribute)
+            tableNode.SetAttribute(ATTRIBUTE_PREFIX + "model", str(result.model))
+            tableNode.SetAttribute(ATTRIBUTE_PREFIX + "label", str(result.label))
+            tableNode.SetAttribute(ATTRIBUTE_PREFIX + "threshold", repr(float(result.threshold)))
+            for key, value in result.volume.items():
+                tableNode.SetAttribute(f"{ATTRIBUTE_PREFIX}volume.{key}", repr(_finiteOrNan(value)))
+            tableNode.Modified()
+        finally:
+            tableNode.EndModify(wasModifying)
+        return tableNode
+
+    @staticmethod
+    def _linkTable(tableNode, volumeNode, segmentationNode, segmentId):
+        tableNode.SetNodeReferenceID(VOLUME_REFERENCE_ROLE, volumeNode.GetID())
+        tableNode.SetNodeReferenceID(SEGMENTATION_REFERENCE_ROLE, segmentationNode.GetID())
+        tableNode.SetAttribute(ATTRIBUTE_PREFIX + "segmentId", segmentId)
+
+    @staticmethod
+    def summary(result) -> str:
+        """One line for the panel: volume DSC, flagged slices."""
+        if result is None:
+            return ""
+        dsc = result.volume.get("dsc", math.nan)
+        flagged = result.flagged
+        shown = ", ".join(str(k) for k in flagged[:10]) + (", ..." if len(flagged) > 10 else "")
+        return (f"{result.label}: volume DSC {dsc:.3f} ({result.model}); {len(flagged)} of {len(result.slices)}"
+                f" slices below {result.threshold:g}" + (f": {shown}" if flagged else ""))
+
+
+def _finiteOrNan(value) -> float:
+    if value is None:
+        return math.nan
+    value = float(value)
+    return value if math.isfinite(value) else math.nan
+
+
+#
+# SegQCTest
+#
+
+
+class SegQCTest(ScriptedLoadableModuleTest):
+    """Self-test: a synthetic volume and two segmentations, compared with :meth:`SegQCLogic.compareSegments`.
+
+    Runs in Slicer (Reload and Test). It only uses the Logic, so the headless pytest suite runs it too.
+    """
+
+    def setUp(self):
+        slicer.mrmlScene.Clear(0)
+
+    def runTest(self):
+        self.setUp()
+        self.test_SegQC_compareSegments()
+
+    def test_SegQC_compareSegments(self):
+        from SegQCLib import metrics
+
+        self.delayDisplay("Creating a synthetic volume and two segmentations")
+        shape = (12, 40, 48)  # z, y, x
+        z, y, x = np.mgrid[: shape[0], : shape[1], : shape[2]]
+        ellipsoid = ((z - 5.5) / 5.0) ** 2 + ((y - 20) / 14.0) ** 2 + ((x - 24) / 17.0) ** 2 <= 1.0
+        image = (100 * ellipsoid + np.random.default_rng(0).normal(0, 5, shape)).astype(np.int16)
+        ijkToRas = np.array([[-0.8, 0, 0, 30.0], [0, -0.7, 0, 12.0], [0, 0, 2.0, -40.0], [0, 0, 0, 1]])
+        volumeNode = slicer.util.addVolumeFromArray(image, ijkToRAS=ijkToRas, name="SegQCTestVolume")
+
+        degraded = ellipsoid.copy()
+        degraded[3] = np.roll(ellipsoid[3], 4, axis=1)  # shifted in slice 3
+        degraded[7] = False  # missed in slice 7
+        predNode = self._segmentation("Prediction", "organ", degraded, volumeNode)
+        refNode = self._segmentation("Reference", "organ", ellipsoid, volumeNode)
+        predId = predNode.GetSegmentation().GetSegmentIdBySegmentName("organ")
+        refId = refNode.GetSegmentation().GetSegmentIdBySegmentName("organ")
+
+        self.delayDisplay("Comparing")
+        logic = SegQCLogic()
+        table = logic.compareSegments(volumeNode, predNode, predId, refNode, refId, threshold=0.9)
+
+        expected = metrics.slice_metrics(degraded, ellipsoid, (2.0, 0.7, 0.8))
+        self.assertEqual(table.GetNumberOfRows(), len(expected))
+        self.assertEqual(table.GetColumnName(0), "slice")
+        slices = [int(table.GetTable().GetValueByName(i, "slice").ToInt()) for i in range(table.GetNumberOfRows())]
+        self.assertEqual(slices, [row["index"] for row in expected])
+        for i, row in enumerate(expected):
+            self.assertAlmostEqual(table.GetTable().GetValueByName(i, "dsc").ToDouble(), row["dsc"], places=6)
+        self.assertEqual(logic.lastResult.flagged, [3, 7])
+        self.assertAlmostEqual(logic.lastResult.volume["dsc"], metrics.volume_metrics(degraded, ellipsoid, (2.0, 0.7, 0.8))["dsc"])
+        self.assertEqual(float(table.GetAttribute("SegQC.volume.dsc")), logic.lastResult.volume["dsc"])
+
+        r, a, s = logic.sliceRAS(volumeNode, 3)
+        np.testing.assert_allclose((r, a, s), (ijkToRas @ [23.5, 19.5, 3.0, 1.0])[:3])  # (nx-1)/2, (ny-1)/2, k
+        self.delayDisplay("Test passed")
+
+    @staticmethod
+    def _segmentation(nodeName, segmentName, mask, volumeNode):
+        node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", nodeName)
+        node.CreateDefaultDisplayNodes()
+        node.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+        segmentId = node.GetSegmentation().AddEmptySegment("", segmentName)  # (ID generated, name)
+        slicer.util.updateSegmentBinaryLabelmapFromArray(mask.astype(np.uint8), node, segmentId, volumeNode)
+        return node

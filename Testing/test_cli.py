@@ -1,0 +1,172 @@
+"""The `segqc` command line on real files: JSON contract, exit code 2 and nothing written on bad input."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from SegQCLib.cli import main
+from SegQCLib.io import Segmentation, read_segmentation, write_segmentation
+from SegQCLib.metrics import dice, volume_metrics
+from SegQCLib.volume import Grid
+
+TEMPLATES = Path("/usr/share/mricron/templates")
+pytestmark = pytest.mark.skipif(not (TEMPLATES / "aal.nii.gz").exists(), reason="apt-get install mricron-data")
+
+# A block of Colin27 around both hippocampi keeps the files small and the tests fast.
+BLOCK = (slice(40, 80), slice(70, 140), slice(40, 141))
+
+
+def _write_block(array: np.ndarray, path: Path, like: sitk.Image) -> Path:
+    image = sitk.GetImageFromArray(array[BLOCK])
+    image.SetSpacing(like.GetSpacing())
+    image.SetDirection(like.GetDirection())
+    start = [s.start for s in BLOCK][::-1]
+    image.SetOrigin(like.TransformIndexToPhysicalPoint(start))
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("cli")
+    t1 = sitk.ReadImage(str(TEMPLATES / "ch2.nii.gz"))
+    aal = sitk.GetArrayFromImage(sitk.ReadImage(str(TEMPLATES / "aal.nii.gz")))
+    hippo = np.where(np.isin(aal, (37, 38)), aal - 36, 0).astype(np.uint8)  # 1 = left, 2 = right
+    out = {"image": _write_block(sitk.GetArrayFromImage(t1), root / "t1.nii.gz", t1)}
+    out["ref"] = _write_block(hippo, root / "hippo.nii.gz", t1)
+    (root / "hippo.txt").write_text("1 Hippocampus_L\n2 Hippocampus_R\n")
+    eroded = hippo.copy()
+    eroded[:, :, ::7] = 0  # a crude but real error: every 7th sagittal plane missing
+    out["pred"] = _write_block(eroded, root / "pred.nii.gz", t1)
+    (root / "pred.txt").write_text("1 Hippocampus_L\n2 Hippocampus_R\n")
+    out["root"] = root
+    return out
+
+
+def run_cli(*args: str) -> int:
+    return main([str(a) for a in args])
+
+
+def test_metrics_json_contract_and_values(files, tmp_path: Path) -> None:
+    out = tmp_path / "m.json"
+    assert run_cli("metrics", files["pred"], files["ref"], "--label", "Hippocampus_R", "--json", out) == 0
+    data = json.loads(out.read_text())
+    assert {"model", "label", "volume", "slices", "runtime_s"} <= set(data)
+    assert data["model"] == "reference" and data["label"] == "Hippocampus_R"
+    pred = read_segmentation(files["pred"]).mask("Hippocampus_R")
+    ref = read_segmentation(files["ref"]).mask("Hippocampus_R")
+    expected = volume_metrics(pred, ref, (1.0, 1.0, 1.0))
+    assert data["volume"]["dsc"] == pytest.approx(expected["dsc"], abs=1e-9)
+    assert data["volume"]["hd95"] == pytest.approx(expected["hd95"], abs=1e-9)
+    zs = [row["index"] for row in data["slices"]]
+    assert zs == sorted(zs) and set(zs) == set(np.flatnonzero((pred | ref).any(axis=(1, 2))))
+    for row in data["slices"]:
+        assert {"index", "dsc", "hd95", "flagged"} <= set(row)
+        assert row["flagged"] == (row["dsc"] < 0.8)
+        k = row["index"]
+        assert row["dsc"] == pytest.approx(dice(pred[k], ref[k]), abs=1e-9)
+
+
+def test_degrade_hits_the_band_and_is_reproducible(files, tmp_path: Path) -> None:
+    a, b = tmp_path / "a.seg.nrrd", tmp_path / "b.seg.nrrd"
+    for out in (a, b):
+        assert run_cli("degrade", files["ref"], "--label", "Hippocampus_L", "--dsc-band", "0.25", "0.5",
+                       "--seed", "3", "-o", out) == 0
+    ref = read_segmentation(files["ref"]).mask("Hippocampus_L")
+    da, db = read_segmentation(a), read_segmentation(b)
+    assert da.segments[0].name == "Hippocampus_L"
+    np.testing.assert_array_equal(da.labelmap, db.labelmap)
+    assert 0.25 <= dice(da.mask("Hippocampus_L"), ref) < 0.5
+
+
+def test_qc_without_an_installed_model_says_so(files, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "qc.json"
+    rc = run_cli("qc", files["image"], files["ref"], "--label", "Hippocampus_L", "--json", out)
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no QC model is installed" in err[0]
+    assert not out.exists()
+
+
+def test_demo_shows_truth_when_no_model(capsys) -> None:
+    assert run_cli("demo", "--dsc-band", "0.5", "0.75") == 0
+    text = capsys.readouterr().out
+    assert "Hippocampus_L" in text and "No QC model is installed yet" in text
+    assert "volume: dsc=0.5" in text or "volume: dsc=0.6" in text or "volume: dsc=0.7" in text
+
+
+def test_console_script_exit_code(files, tmp_path: Path) -> None:
+    missing = tmp_path / "nope.nii.gz"
+    proc = subprocess.run([sys.executable, "-m", "SegQCLib.cli", "metrics", str(missing), str(files["ref"])],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: {missing}: no such file or folder"
+
+
+# ------------------------------------------------------------------ bad input: one line, exit 2, nothing written
+def _bad(tmp_path: Path, name: str, write) -> Path:
+    path = tmp_path / name
+    write(path)
+    return path
+
+
+def _nifti(array: np.ndarray, spacing=None):
+    def write(path: Path) -> None:
+        image = sitk.GetImageFromArray(array, isVector=False)
+        if spacing:
+            image.SetSpacing(spacing)
+        sitk.WriteImage(image, str(path))
+    return write
+
+
+def _truncated_copy(src: Path):
+    return lambda path: path.write_bytes(src.read_bytes()[: src.stat().st_size // 2])
+
+
+CASES = {
+    "corrupt": lambda f, t: (["metrics", _bad(t, "corrupt.nii.gz", _truncated_copy(f["ref"])), f["ref"]],
+                             "corrupt.nii.gz: cannot read: corrupt"),
+    "not-an-image": lambda f, t: (["metrics", _bad(t, "text.nrrd", lambda p: p.write_text("hello")), f["ref"]],
+                                  "text.nrrd: cannot read"),
+    "mismatched-grid": lambda f, t: (["metrics", _bad(t, "grid.nii.gz", _nifti(np.ones((5, 6, 7), np.uint8),
+                                                                              (1.0, 1.0, 2.0))), f["ref"]],
+                                     "grid.nii.gz: geometry does not match"),
+    "empty-mask": lambda f, t: (["degrade", _bad(t, "empty.nii.gz", _nifti(np.zeros((5, 6, 7), np.uint8))),
+                                 "--dsc-band", "0.5", "0.75", "-o", t / "out.nii.gz"], "empty"),
+    "nan-image": lambda f, t: (["qc", _bad(t, "nan.nii.gz", _nifti(np.full((5, 6, 7), np.nan, np.float32))),
+                                _bad(t, "m.nii.gz", _nifti(np.ones((5, 6, 7), np.uint8)))],
+                               "nan.nii.gz: contains 210 NaN"),
+    "2d-input": lambda f, t: (["qc", _bad(t, "flat.nii.gz", _nifti(np.ones((6, 7), np.float32))), f["ref"]],
+                              "flat.nii.gz: is a 2D image"),
+    "4d-input": lambda f, t: (["qc", _bad(t, "four.nii.gz", _nifti(np.ones((2, 3, 4, 5), np.float32))), f["ref"]],
+                              "four.nii.gz: is a 4D image"),
+    "missing-label": lambda f, t: (["metrics", f["pred"], f["ref"], "--label", "Amygdala_L"],
+                                   "unknown label 'Amygdala_L'"),
+    "non-binary-mask": lambda f, t: (["qc", f["image"], f["ref"]], "has 2 labels"),
+    "non-integer-mask": lambda f, t: (["qc", f["image"], _bad(t, "prob.nii.gz", _nifti(
+        np.full((5, 6, 7), 0.5, np.float32)))], "prob.nii.gz: segmentation has non-integer values"),
+    "bad-band": lambda f, t: (["degrade", f["ref"], "--dsc-band", "0.9", "0.2", "-o", t / "o.nii.gz"], "--dsc-band"),
+    "overwrite-input": lambda f, t: (["degrade", f["pred"], "--dsc-band", "0.5", "0.75", "-o", f["pred"]],
+                                     "would overwrite an input"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_is_one_clear_line_and_writes_nothing(case: str, files, tmp_path: Path, capsys) -> None:
+    args, expected = CASES[case](files, tmp_path)
+    inputs = {Path(a): Path(a).read_bytes() for a in args if isinstance(a, Path) and Path(a).is_file()}
+    before = set(tmp_path.iterdir())
+    json_out = tmp_path / "result.json"
+    rc = run_cli(*args, *(["--json", json_out] if args[0] in ("qc", "metrics") else []))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
+    assert set(tmp_path.iterdir()) == before  # no output, no temp file
+    for path, content in inputs.items():
+        assert path.read_bytes() == content  # inputs untouched
