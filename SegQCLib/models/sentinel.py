@@ -1,0 +1,324 @@
+"""Quality Sentinel / SegAE: a text-conditioned regressor of the DSC of a mask against its unknown truth.
+
+Input: a 2-channel axial slice (image, mask) cropped around the mask with a margin and resized to
+``size`` x ``size``; condition: an embedding of the structure's name. Output: the predicted DSC of
+that slice. The volume score averages the slice predictions over 10 evenly spaced slices, as the
+papers do, weighted by the mask's area on each slice (see :meth:`SentinelQC.assess`).
+
+Network (Quality Sentinel, eq. 1-2): ``f = E(x)`` from a 2D ResNet with a 2-channel stem, text
+embedding ``t``; gates ``w1 = W1 [f, t]`` and ``w2 = W2 [f, t]``; ``h = g2(w2 * g1(w1 * f))``. The
+layer shapes follow the public Quality Sentinel release (linear gates, hidden width 50, biased
+7x7 stem), so its checkpoints load by key mapping (:func:`load_published_checkpoint`).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import InputError
+from ..qc import DEFAULT_FLAG_THRESHOLD, QCResult
+from ..volume import Volume
+
+ARCHITECTURE = "sentinel"
+
+
+@dataclass
+class SentinelConfig:
+    """Everything needed to rebuild a Sentinel model and its input pipeline (saved in the model card).
+
+    backbone: MONAI ResNet depth (resnet10/18/34/50), ``widen`` scales its channel widths.
+    size: side of the model input in pixels; margin_px: context kept around the mask's box, in
+        input-grid pixels, before resizing. modality: "MR" (per-volume percentile scaling) or "CT"
+        (HU clipped to ``ct_window``).
+    text_encoder: spec of the name encoder (see ``encoders.text_encoder_from_spec``), text_dim its size.
+    """
+
+    backbone: str = "resnet18"
+    widen: float = 0.5
+    size: int = 96
+    margin_px: int = 20
+    hidden: int = 50
+    text_encoder: str = "minilm"
+    text_dim: int = 384
+    modality: str = "MR"
+    ct_window: tuple[float, float] = (-200.0, 200.0)
+    volume_slices: int = 10
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SentinelConfig":
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        if "ct_window" in known:
+            known["ct_window"] = tuple(known["ct_window"])
+        return cls(**known)
+
+
+# --------------------------------------------------------------------------- network
+_DEPTHS = {"resnet10": ("basic", [1, 1, 1, 1]), "resnet18": ("basic", [2, 2, 2, 2]),
+           "resnet34": ("basic", [3, 4, 6, 3]), "resnet50": ("bottleneck", [3, 4, 6, 3])}
+
+
+def _encoder(backbone: str, widen: float) -> tuple[nn.Module, int]:
+    """A 2D MONAI ResNet with a biased 2-channel 7x7/2 stem (torchvision layout); returns it and its feature size."""
+    from monai.networks.nets import ResNet
+
+    if backbone not in _DEPTHS:
+        raise InputError(backbone, f"unknown backbone (choose {', '.join(_DEPTHS)})")
+    block, layers = _DEPTHS[backbone]
+    net = ResNet(block, layers, [64, 128, 256, 512], spatial_dims=2, n_input_channels=2, conv1_t_size=7,
+                 conv1_t_stride=2, feed_forward=False, bias_downsample=False, widen_factor=widen)
+    net.conv1 = nn.Conv2d(2, net.conv1.out_channels, kernel_size=7, stride=2, padding=3, bias=True)
+    expansion = 4 if block == "bottleneck" else 1
+    return net, int(512 * widen) * expansion
+
+
+class SentinelNet(nn.Module):
+    """(n, 2, size, size) slices + (n, text_dim) name embeddings -> (n,) predicted DSC (unclamped)."""
+
+    def __init__(self, config: SentinelConfig):
+        super().__init__()
+        self.encoder, feat = _encoder(config.backbone, config.widen)
+        self.w1 = nn.Linear(feat + config.text_dim, feat)
+        self.w2 = nn.Linear(feat + config.text_dim, config.hidden)
+        self.g1 = nn.Linear(feat, config.hidden)
+        self.g2 = nn.Linear(config.hidden, 1)
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        f = self.encoder(x)
+        ft = torch.cat([f, text], dim=1)
+        h = self.g1(self.w1(ft) * f)
+        return self.g2(self.w2(ft) * h).squeeze(1)
+
+
+# --------------------------------------------------------------------------- inputs
+def normalise_image(array: np.ndarray, config: SentinelConfig) -> np.ndarray:
+    """Intensities to [0, 1]: CT clipped to ``config.ct_window`` (HU); MR and others scaled by the
+    volume's own [p0.5, p99.5] of nonzero voxels. float32, same shape."""
+    array = np.asarray(array, dtype=np.float32)
+    if config.modality.upper() == "CT":
+        lo, hi = config.ct_window
+    else:
+        values = array[array != 0]
+        values = values if values.size else array.ravel()
+        lo, hi = (float(v) for v in np.percentile(values[:: max(1, values.size // 200_000)], (0.5, 99.5)))
+    return np.clip((array - lo) / max(hi - lo, 1e-6), 0.0, 1.0).astype(np.float32)
+
+
+def slice_boxes(mask: np.ndarray, indices: np.ndarray, margin_px: int) -> np.ndarray:
+    """Square crop boxes (k, 4) as (x1, y1, x2, y2) pixel edges around the mask on each slice.
+
+    mask: (z, y, x) bool. The box is the mask's in-plane bounding box grown by ``margin_px`` and made
+    square about its centre; a slice without mask gets the whole (square) slice.
+    """
+    _, h, w = mask.shape
+    boxes = np.empty((len(indices), 4), dtype=np.float32)
+    for row, k in enumerate(indices):
+        ys = np.flatnonzero(mask[k].any(axis=1))
+        if ys.size:
+            xs = np.flatnonzero(mask[k].any(axis=0))
+            cy, cx = (ys[0] + ys[-1] + 1) / 2.0, (xs[0] + xs[-1] + 1) / 2.0
+            side = max(ys[-1] - ys[0] + 1, xs[-1] - xs[0] + 1) + 2 * margin_px
+        else:
+            cy, cx, side = h / 2.0, w / 2.0, max(h, w)
+        boxes[row] = (cx - side / 2.0, cy - side / 2.0, cx + side / 2.0, cy + side / 2.0)
+    return boxes
+
+
+def slice_inputs(image01: np.ndarray, mask: np.ndarray, indices, config: SentinelConfig) -> torch.Tensor:
+    """Model inputs (k, 2, size, size) float32 for axial slices ``indices``.
+
+    image01: (z, y, x) intensities already in [0, 1] (:func:`normalise_image`); mask (z, y, x) bool,
+    both in RAS array order. Crop + resize is torchvision's ``roi_align`` (bilinear, averaging
+    ``ceil(box/size)`` samples per output pixel, so large boxes are anti-aliased); outside the image
+    reads as 0.
+    """
+    from torchvision.ops import roi_align
+
+    indices = np.asarray(indices, dtype=int)
+    if indices.size == 0:
+        return torch.zeros((0, 2, config.size, config.size))
+    planes = torch.from_numpy(np.stack([image01[indices], mask[indices].astype(np.float32)], axis=1))
+    boxes = torch.from_numpy(slice_boxes(mask, indices, config.margin_px))
+    rois = torch.cat([torch.arange(len(indices), dtype=torch.float32)[:, None], boxes], dim=1)
+    return roi_align(planes, rois, output_size=config.size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+
+
+def area_weighted_mean(scores: np.ndarray, areas: np.ndarray) -> float:
+    """Volume DSC from slice DSCs. With truth areas ~ mask areas, DSC = sum_k a_k dsc_k / sum_k a_k
+    exactly, so slices weigh by the mask's area; a mask without area falls back to the plain mean."""
+    scores, areas = np.asarray(scores, float), np.asarray(areas, float)
+    if scores.size == 0:
+        return math.nan
+    return float(np.average(scores, weights=areas)) if areas.sum() > 0 else float(scores.mean())
+
+
+# --------------------------------------------------------------------------- the QC model
+class SentinelQC:
+    """A trained Sentinel network with its text encoder: implements the QC protocol."""
+
+    kind = "regressor"
+
+    def __init__(self, name: str, net: SentinelNet, config: SentinelConfig, text_encoder=None,
+                 device: str = "cpu", batch_size: int = 64):
+        self.name = name
+        self.config = config
+        self.device = torch.device(device)
+        self.net = net.to(self.device).eval()
+        self._text_encoder = text_encoder
+        self.batch_size = batch_size
+
+    @property
+    def text_encoder(self):
+        if self._text_encoder is None:
+            from .encoders import text_encoder_from_spec
+
+            self._text_encoder = text_encoder_from_spec(self.config.text_encoder)
+        return self._text_encoder
+
+    @torch.no_grad()
+    def predict(self, inputs: torch.Tensor, names: list[str]) -> np.ndarray:
+        """Predicted DSC in [0, 1] for (k, 2, size, size) inputs and k structure names, batched."""
+        unique = sorted(set(names))
+        table = dict(zip(unique, torch.from_numpy(self.text_encoder.encode(unique)).float()))
+        text = torch.stack([table[n] for n in names]) if names else torch.zeros((0, self.config.text_dim))
+        out = []
+        for start in range(0, len(inputs), self.batch_size):
+            x = inputs[start:start + self.batch_size].to(self.device)
+            t = text[start:start + self.batch_size].to(self.device)
+            out.append(self.net(x, t).float().clamp(0.0, 1.0).cpu())
+        return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
+
+    def assess(self, image: Volume, mask: np.ndarray, label: str, *, threshold: float = DEFAULT_FLAG_THRESHOLD,
+               all_slices: bool = True) -> QCResult:
+        """Per-slice predicted DSC (every slice holding mask, or the 10 volume slices when
+        ``all_slices`` is False) and the volume DSC from 10 evenly spaced slices."""
+        from ..data.slices import evenly_spaced_slices, foreground_slices
+        from ..fingerprint import ras_axes, to_ras
+
+        start = time.perf_counter()
+        if mask.shape != image.shape:
+            raise InputError(image.name, f"mask shape {mask.shape} differs from image shape {image.shape}")
+        axes, flips = ras_axes(image.grid.direction)
+        image_ras = normalise_image(np.ascontiguousarray(to_ras(image.array, axes, flips)), self.config)
+        mask_ras = np.ascontiguousarray(to_ras(np.asarray(mask, bool), axes, flips))
+        volume_idx = evenly_spaced_slices(mask_ras, self.config.volume_slices)
+        table_idx = foreground_slices(mask_ras) if all_slices else volume_idx
+        table_idx = table_idx or volume_idx
+        wanted = sorted(set(volume_idx) | set(table_idx))
+        scores = dict(zip(wanted, self.predict(slice_inputs(image_ras, mask_ras, wanted, self.config),
+                                               [label] * len(wanted))))
+        areas = mask_ras.sum(axis=(1, 2))
+        volume_dsc = area_weighted_mean([scores[k] for k in volume_idx], areas[volume_idx])
+        # RAS slice k is input index k along the input axis that became RAS z (reversed when flipped).
+        n = mask_ras.shape[0]
+        to_input = (lambda k: n - 1 - k) if flips[0] else (lambda k: k)
+        rows = [{"index": int(to_input(k)), "dsc": float(scores[k]), "area_px": int(areas[k])} for k in table_idx]
+        return QCResult.from_slice_scores(self.name, label, {"dsc": volume_dsc}, rows, threshold,
+                                          runtime_s=time.perf_counter() - start,
+                                          extra={"slice_axis": int(axes[0]), "volume_slices": [int(to_input(k)) for k in volume_idx]})
+
+
+# --------------------------------------------------------------------------- weights
+def save_model(net: SentinelNet, config: SentinelConfig, path: str | Path, card: dict[str, Any] | None = None) -> Path:
+    """Write ``<path>.safetensors`` and the model card ``<path>.json`` (config + measured numbers)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    stem = path.with_suffix("") if path.suffix in (".json", ".safetensors") else path
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    save_file(state, str(stem.with_suffix(".safetensors")))
+    card = dict(card or {})
+    card.update({"architecture": ARCHITECTURE, "name": card.get("name", stem.name), "config": config.to_dict(),
+                 "weights": stem.with_suffix(".safetensors").name})
+    stem.with_suffix(".json").write_text(json.dumps(card, indent=2))
+    return stem.with_suffix(".json")
+
+
+def load_model(card_path: str | Path, device: str = "cpu") -> SentinelQC:
+    """Load a Sentinel model from its model card (``.json``) and the safetensors file it names."""
+    from safetensors.torch import load_file
+
+    card_path = Path(card_path)
+    try:
+        card = json.loads(card_path.read_text())
+        config = SentinelConfig.from_dict(card["config"])
+        weights = card_path.parent / card["weights"]
+    except (OSError, ValueError, KeyError) as err:
+        raise InputError(card_path, f"not a Sentinel model card ({err})") from None
+    net = SentinelNet(config)
+    try:
+        state = load_file(str(weights))
+    except Exception as err:  # safetensors raises its own error types for corrupt files
+        raise InputError(weights, f"cannot read weights ({err})") from None
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise InputError(weights, f"weights do not fit the card's architecture (missing {missing[:3]}, "
+                                  f"unexpected {unexpected[:3]})")
+    return SentinelQC(card.get("name", card_path.stem), net, config, device=device)
+
+
+# The public Quality Sentinel release names its layers after torchvision's ResNet inside a wrapper.
+_PUBLISHED_PREFIXES = (("conv1.", "encoder.conv1."), ("bn1.", "encoder.bn1."), ("net.layer", "encoder.layer"),
+                       ("attention1.", "w1."), ("attention2.", "w2."), ("fc1.", "g1."), ("fc2.", "g2."))
+_PUBLISHED_UNUSED = ("net.conv1.", "net.bn1.", "net.fc.")
+
+
+def map_published_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a public Quality Sentinel state dict to :class:`SentinelNet`'s keys.
+
+    Drops torchvision's unused stem/classifier (``net.conv1``, ``net.bn1``, ``net.fc``) and a
+    ``module.`` prefix from DataParallel; raises :class:`InputError` for keys it does not know.
+    """
+    out, unknown = {}, []
+    for key, value in state.items():
+        key = key[len("module."):] if key.startswith("module.") else key
+        if key.startswith(_PUBLISHED_UNUSED):
+            continue
+        for old, new in _PUBLISHED_PREFIXES:
+            if key.startswith(old):
+                out[new + key[len(old):]] = value
+                break
+        else:
+            unknown.append(key)
+    if unknown:
+        raise InputError(None, f"not a Quality Sentinel checkpoint: unknown keys {unknown[:5]}")
+    return out
+
+
+def load_published_checkpoint(path: str | Path, text_encoder=None, device: str = "cpu",
+                              size: int = 256) -> SentinelQC:
+    """Load the public Quality Sentinel checkpoint layout (ResNet50, 2-channel stem, 512-d CLIP
+    text gating, hidden 50, CT [-200, 200], 256 x 256) from a local file (``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "no such checkpoint file")
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle/zip errors of a corrupt or unsafe file
+        raise InputError(path, f"cannot read checkpoint safely ({str(err).splitlines()[0][:200]})") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    try:
+        mapped = map_published_state(state)
+    except InputError as err:
+        raise InputError(path, err.problem) from None
+    text_dim = int(mapped["w1.weight"].shape[1] - mapped["g1.weight"].shape[1])
+    config = SentinelConfig(backbone="resnet50", widen=1.0, size=size, hidden=int(mapped["g1.weight"].shape[0]),
+                            text_dim=text_dim, modality="CT",
+                            text_encoder=getattr(text_encoder, "name", "") or "openclip")
+    net = SentinelNet(config)
+    try:
+        net.load_state_dict(mapped, strict=True)
+    except RuntimeError as err:
+        raise InputError(path, f"checkpoint does not match the published layout ({str(err)[:200]})") from None
+    return SentinelQC(path.stem, net, config, text_encoder=text_encoder, device=device)

@@ -1,0 +1,1 @@
+"""Training and evaluation loops shared by the QC models."""

@@ -1,0 +1,193 @@
+"""Training and evaluation samples for Quality Sentinel from the real labelled MRI of DATA.md.
+
+A *sample volume* is a structure of a subject, a mask of it (synthetically degraded into one of the
+five nnQC DSC bands, nearly perfect, empty, the mask of another structure, or a real algorithmic
+segmentation) and the true 3D DSC. From each we keep the 10 evenly spaced slices the volume score
+uses (``in_volume``) and, for training, extra slices; every slice carries its true 2D DSC.
+
+Splits (so that held-out numbers mean something):
+- **test-subject**: MNI152 (grey matter, white matter, brain): a subject never seen in training;
+- **test-structures**: AAL structures of Colin27 never seen in training (:data:`HELD_OUT_AAL`);
+- **val**: other AAL structures, for model selection;
+- **train**: the remaining AAL structures, the Brodmann areas and the brain of Colin27.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from ..data.slices import evenly_spaced_slices, foreground_slices
+from ..data.sources import LabelledSubject, colin27, mni152
+from ..degrade import DSC_BANDS, degrade_to_band
+from ..fingerprint import ras_axes, to_ras
+from ..metrics import dice
+from ..models.sentinel import SentinelConfig, normalise_image, slice_inputs
+
+#: AAL structures held out of training entirely (both hemispheres of some, one of others).
+HELD_OUT_AAL = ("Hippocampus_L", "Hippocampus_R", "Putamen_R", "Thalamus_L", "Caudate_R", "Precentral_R",
+                "Frontal_Mid_L", "Temporal_Sup_L", "Cuneus_R", "Insula_L", "Amygdala_R", "Lingual_L",
+                "Cerebelum_6_R", "Vermis_4_5", "Olfactory_L")
+VAL_AAL = ("Pallidum_L", "Occipital_Mid_R", "Parietal_Inf_L", "Cingulum_Ant_R", "Fusiform_L", "Cerebelum_Crus1_L")
+
+KINDS = ("degraded", "good", "empty", "wrong", "algorithmic")
+
+
+@dataclass
+class SampleSet:
+    """Slices ready for the network plus what is true about them.
+
+    x: (N, 2, S, S) uint8 (image and mask scaled to 0..255); name: (N,) index into ``names``;
+    dsc: (N,) true 2D DSC; area: (N,) mask pixels on the slice; volume: (N,) sample-volume id;
+    in_volume: (N,) bool, one of the 10 volume slices. Per volume v: volume_dsc[v] (true 3D DSC),
+    volume_name[v], volume_kind[v] (index into KINDS), volume_subject[v].
+    """
+
+    names: list[str]
+    x: np.ndarray
+    name: np.ndarray
+    dsc: np.ndarray
+    area: np.ndarray
+    volume: np.ndarray
+    in_volume: np.ndarray
+    volume_dsc: np.ndarray
+    volume_name: np.ndarray
+    volume_kind: np.ndarray
+    volume_subject: list[str] = field(default_factory=list)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        np.savez(path, names=np.array(self.names), x=self.x, name=self.name, dsc=self.dsc, area=self.area,
+                 volume=self.volume, in_volume=self.in_volume, volume_dsc=self.volume_dsc,
+                 volume_name=self.volume_name, volume_kind=self.volume_kind,
+                 volume_subject=np.array(self.volume_subject))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SampleSet":
+        with np.load(path, allow_pickle=False) as data:
+            return cls(names=[str(n) for n in data["names"]], x=data["x"], name=data["name"], dsc=data["dsc"],
+                       area=data["area"], volume=data["volume"], in_volume=data["in_volume"],
+                       volume_dsc=data["volume_dsc"], volume_name=data["volume_name"],
+                       volume_kind=data["volume_kind"], volume_subject=[str(s) for s in data["volume_subject"]])
+
+
+def display_name(subject_source: str, name: str) -> str:
+    """Structure names as a user would type them: Brodmann's ``BA4`` -> ``Brodmann area 4``."""
+    return f"Brodmann area {name[2:]}" if name.startswith("BA") and name[2:].isdigit() else name
+
+
+def split_structures(split: str) -> list[tuple[LabelledSubject, str]]:
+    """(subject, structure name) pairs of a split: train, val, test-structures or test-subject."""
+    if split == "test-subject":
+        tissue, brain = mni152("tissue"), mni152("brain")
+        return [(tissue, "GreyMatter"), (tissue, "WhiteMatter"), (brain, "Brain")]
+    aal = colin27("aal")
+    names = [s.name for s in aal.segmentation.segments]
+    if split == "test-structures":
+        return [(aal, n) for n in HELD_OUT_AAL]
+    if split == "val":
+        return [(aal, n) for n in VAL_AAL]
+    if split == "train":
+        held = set(HELD_OUT_AAL) | set(VAL_AAL)
+        brodmann = colin27("brodmann")
+        return ([(aal, n) for n in names if n not in held]
+                + [(brodmann, s.name) for s in brodmann.segmentation.segments]
+                + [(colin27("brain"), "Brain")])
+    raise ValueError(f"unknown split {split!r}")
+
+
+def _good_mask(truth: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A nearly perfect mask: the truth, or its boundary moved by one voxel here and there."""
+    from scipy import ndimage
+
+    choice = rng.integers(3)
+    if choice == 0:
+        return truth.copy()
+    moved = ndimage.binary_erosion(truth) if choice == 1 else ndimage.binary_dilation(truth)
+    keep = rng.random(truth.shape) < rng.uniform(0.3, 1.0)
+    return np.where(keep, moved, truth)
+
+
+def _masks_for(subject: LabelledSubject, structure: str, others: list[str], rng: np.random.Generator,
+               per_band: int, algorithmic: int) -> Iterator[tuple[str, np.ndarray]]:
+    """(kind, mask) sample masks of one structure."""
+    truth = subject.segmentation.mask(structure)
+    for band in range(len(DSC_BANDS)):
+        for _ in range(per_band):
+            yield "degraded", degrade_to_band(truth.astype(np.uint8), band, rng=rng)[0] > 0
+    for _ in range(max(1, per_band // 2)):
+        yield "good", _good_mask(truth, rng)
+    yield "empty", np.zeros_like(truth)
+    if others:
+        yield "wrong", subject.segmentation.mask(others[int(rng.integers(len(others)))])
+    if algorithmic:
+        try:
+            from ..data.algorithmic import algorithmic_segmentations
+        except ImportError:
+            return
+        for _, mask, _ in algorithmic_segmentations(subject, structure, rng, algorithmic):
+            yield "algorithmic", np.asarray(mask, bool)
+
+
+def build_samples(split: str, config: SentinelConfig, seed: int = 0, per_band: int = 3, extra_slices: int = 6,
+                  algorithmic: int = 2, progress: bool = True, structures: list[str] | None = None) -> SampleSet:
+    """Generate the sample set of ``split`` (see module docstring), seeded.
+
+    per_band: degraded volumes per DSC band and structure; extra_slices: random slices of
+    (mask | truth) added to the 10 volume slices of each sample volume (0 for evaluation sets).
+    """
+    from rich.progress import Progress
+
+    rng = np.random.default_rng(seed)
+    pairs = split_structures(split)
+    if structures:
+        pairs = [p for p in pairs if p[1] in structures]
+    names: list[str] = []
+    xs, name_idx, dscs, areas, vols, in_vol = [], [], [], [], [], []
+    v_dsc, v_name, v_kind, v_subject = [], [], [], []
+    image_cache: dict[int, tuple] = {}
+    with Progress(disable=not progress, transient=False) as bar:
+        task = bar.add_task(f"samples {split}", total=len(pairs))
+        for subject, structure in pairs:
+            key = id(subject.image)
+            if key not in image_cache:
+                axes, flips = ras_axes(subject.image.grid.direction)
+                image_cache[key] = (axes, flips, normalise_image(to_ras(subject.image.array, axes, flips), config))
+            axes, flips, image01 = image_cache[key]
+            truth = np.ascontiguousarray(to_ras(subject.segmentation.mask(structure), axes, flips))
+            shown = display_name(subject.source, structure)
+            if shown not in names:
+                names.append(shown)
+            others = [s.name for s in subject.segmentation.segments if s.name != structure]
+            for kind, mask in _masks_for(subject, structure, others, rng, per_band, algorithmic):
+                mask = np.ascontiguousarray(to_ras(mask, axes, flips))
+                volume_id = len(v_dsc)
+                v_dsc.append(dice(mask, truth))
+                v_name.append(names.index(shown))
+                v_kind.append(KINDS.index(kind))
+                v_subject.append(subject.subject)
+                chosen = evenly_spaced_slices(mask, config.volume_slices)
+                pool = sorted(set(foreground_slices(mask | truth)) - set(chosen))
+                extra = list(rng.choice(pool, size=min(extra_slices, len(pool)), replace=False)) if pool else []
+                for k_list, flag in ((chosen, True), (extra, False)):
+                    keep = [k for k in k_list if mask[k].any() or truth[k].any()]
+                    if flag:
+                        keep = list(k_list)  # the volume score uses these slices whatever they hold
+                    if not keep:
+                        continue
+                    xs.append((slice_inputs(image01, mask, keep, config).numpy() * 255).round().astype(np.uint8))
+                    for k in keep:
+                        name_idx.append(names.index(shown))
+                        dscs.append(dice(mask[k], truth[k]) if (mask[k].any() or truth[k].any()) else np.nan)
+                        areas.append(int(mask[k].sum()))
+                        vols.append(volume_id)
+                        in_vol.append(flag)
+            bar.advance(task)
+    return SampleSet(names=names, x=np.concatenate(xs), name=np.asarray(name_idx, np.int32),
+                     dsc=np.asarray(dscs, np.float32), area=np.asarray(areas, np.int32),
+                     volume=np.asarray(vols, np.int32), in_volume=np.asarray(in_vol, bool),
+                     volume_dsc=np.asarray(v_dsc, np.float32), volume_name=np.asarray(v_name, np.int32),
+                     volume_kind=np.asarray(v_kind, np.int8), volume_subject=v_subject)
