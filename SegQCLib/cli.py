@@ -257,6 +257,87 @@ def demo_cmd(
     print_result(result, truth)
 
 
+train_app = typer.Typer(no_args_is_help=True, help="Train a QC model on labelled data.")
+app.add_typer(train_app, name="train")
+
+
+@train_app.command("sentinel")
+def train_sentinel_cmd(
+    out: Path = typer.Option(Path("runs/sentinel"), "--out", help="Run folder: data cache, checkpoints, best model."),
+    name: str = typer.Option("sentinel-brain-mr", "--name", help="Name of the trained model."),
+    epochs: int = typer.Option(12, "--epochs"),
+    batch_size: int = typer.Option(64, "--batch-size"),
+    lr: float = typer.Option(1e-3, "--lr"),
+    rank_weight: float = typer.Option(1.0, "--rank-weight", help="Weight of the optimal-pair ranking loss (0: MSE only)."),
+    text_encoder: str = typer.Option("minilm", "--text-encoder", help="minilm, onehot or openclip:<model>:<checkpoint>."),
+    backbone: str = typer.Option("resnet18", "--backbone", help="resnet10, resnet18, resnet34 or resnet50."),
+    widen: float = typer.Option(0.5, "--widen", help="Channel width factor of the ResNet."),
+    size: int = typer.Option(96, "--size", help="Model input side in pixels (papers: 256)."),
+    per_band: int = typer.Option(3, "--per-band", help="Degraded volumes per DSC band and structure."),
+    algorithmic: int = typer.Option(2, "--algorithmic", help="Algorithmic segmentations per structure."),
+    seed: int = typer.Option(0, "--seed"),
+    install: bool = typer.Option(False, "--install", help="Copy the best model into Resources/Models with its card."),
+) -> None:
+    """Train Quality Sentinel on the real MRI of DATA.md (resumes from OUT/checkpoint.pt)."""
+    from .models.encoders import OneHotTextEncoder, text_encoder_from_spec
+    from .models.sentinel import SentinelConfig
+    from .train.sentinel_cli import evaluate_model, format_report, sample_set, write_card
+    from .train.sentinel_data import SampleSet, split_structures
+    from .train.sentinel_train import TrainOptions, train
+
+    data_dir = out / "data"
+    config = SentinelConfig(backbone=backbone, widen=widen, size=size)
+    train_set = sample_set(data_dir, "train", config, per_band, algorithmic, log=console.print)
+    val_set = sample_set(data_dir, "val", config, per_band, algorithmic, log=console.print)
+    if text_encoder == "onehot":
+        encoder = OneHotTextEncoder(sorted(set(train_set.names) | set(val_set.names)))
+    else:
+        encoder = text_encoder_from_spec(text_encoder)
+    config.text_encoder, config.text_dim = encoder.name, encoder.dim
+    options = TrainOptions(epochs=epochs, batch_size=batch_size, lr=lr, rank_weight=rank_weight, seed=seed)
+    best = train(out, train_set, val_set, config, options, encoder, log=console.print)
+    results = evaluate_model(best, data_dir, log=console.print)
+    console.print(format_report(results))
+    extra = {"description": f"Quality Sentinel ({backbone} x{widen}, {size}px, {encoder.name} text) on brain MRI",
+             "priority": 10, "data": {"train": len(split_structures("train")), "train_slices": int(len(train_set.x))},
+             "options": options.__dict__}
+    card = write_card(best, out / name, name, results, extra)
+    console.print(f"model card: {card}")
+    if install:
+        from .models import model_dirs
+
+        shipped = Path(__file__).resolve().parents[1] / "Resources" / "Models"
+        console.print(f"installed: {write_card(best, shipped / name, name, results, extra)}")
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Argument(..., help="Installed model name or a model card (.json)."),
+    data: Path = typer.Option(Path("runs/eval-data"), "--data", help="Cache folder of the evaluation samples."),
+    split: List[str] = typer.Option(["test-subject", "test-structures"], "--split", help="Held-out split(s)."),
+    device: str = typer.Option("auto", "--device"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the numbers as JSON here."),
+) -> None:
+    """Evaluate a QC model on held-out data: r (LCC), SROCC, MAE, MAP@5/10 at volume and slice level."""
+    from .qc import available_models, resolve_device
+    from .train.sentinel_cli import evaluate_model, format_report
+
+    card = Path(model)
+    if not card.is_file():
+        from .models import model_dirs
+
+        found = [d / f"{model}.json" for d in model_dirs() if (d / f"{model}.json").is_file()]
+        if not found:
+            names = ", ".join(e.name for e in available_models()) or "none installed"
+            raise InputError(model, f"unknown model (installed: {names})")
+        card = found[0]
+    _check_new_output(json_out, (card,))
+    results = evaluate_model(card, data, tuple(split), device=resolve_device(device), log=console.print)
+    console.print(format_report(results))
+    if json_out:
+        write_json(results, json_out, (card,))
+
+
 @app.callback()
 def _root(version: bool = typer.Option(False, "--version", help="Print the version and exit.")) -> None:
     if version:

@@ -119,15 +119,17 @@ class ModelEntry:
     factory: Callable[[str], QCModel]
     description: str
     kind: str  # "regressor" (scores only) or "reconstruction" (scores + pGT)
+    priority: int = 0  # the highest-priority model is the default of `segqc qc` and `segqc demo`
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
 _discovered = False
 
 
-def register_model(name: str, factory: Callable[[str], QCModel], description: str, kind: str = "regressor") -> None:
+def register_model(name: str, factory: Callable[[str], QCModel], description: str, kind: str = "regressor",
+                   priority: int = 0) -> None:
     """Register a model factory under ``name`` (a later registration of the same name replaces it)."""
-    _REGISTRY[name] = ModelEntry(name, factory, description, kind)
+    _REGISTRY[name] = ModelEntry(name, factory, description, kind, priority)
 
 
 def _discover() -> None:
@@ -156,7 +158,7 @@ def load_model(name: str, device: str = "auto") -> QCModel:
 def default_model_name() -> str | None:
     """The model `segqc qc` and `segqc demo` use when none is named: the first registered as default."""
     models = available_models()
-    return models[0].name if models else None
+    return max(models, key=lambda m: (m.priority, m.name)).name if models else None
 
 
 def resolve_device(device: str = "auto") -> str:

@@ -1,1 +1,54 @@
-"""QC models, one module per method. Importing this package registers the installed models."""
+"""QC models, one module per method. Importing this package registers the installed models.
+
+A model is installed when its model card (``<name>.json``, with ``architecture``, ``name`` and the
+weights file it names) lies in one of :func:`model_dirs`: the folders of ``$SEGQC_MODELS_DIR``
+(``os.pathsep``-separated), then the shipped ``Resources/Models`` beside the package (the source
+tree, an editable install, or a Slicer extension install, which puts both side by side).
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from pathlib import Path
+
+from ..qc import register_model
+
+#: architecture -> (module, loader function taking (card_path, device), kind)
+LOADERS = {
+    "sentinel": ("SegQCLib.models.sentinel", "load_model", "regressor"),
+}
+
+
+def model_dirs() -> list[Path]:
+    """Folders searched for model cards, in order (a later card of the same name is ignored)."""
+    dirs = [Path(p) for p in os.environ.get("SEGQC_MODELS_DIR", "").split(os.pathsep) if p]
+    dirs.append(Path(__file__).resolve().parents[2] / "Resources" / "Models")
+    return [d for d in dirs if d.is_dir()]
+
+
+def _factory(card: Path, module: str, function: str):
+    def build(device: str):
+        return getattr(importlib.import_module(module), function)(card, device)
+    return build
+
+
+def register_installed_models() -> None:
+    """Register every model card found in :func:`model_dirs` (unreadable cards are skipped)."""
+    seen: set[str] = set()
+    for folder in model_dirs():
+        for card in sorted(folder.glob("*.json")):
+            try:
+                data = json.loads(card.read_text())
+            except (OSError, ValueError):
+                continue
+            arch, name = data.get("architecture"), data.get("name")
+            if arch not in LOADERS or not name or name in seen:
+                continue
+            seen.add(name)
+            module, function, kind = LOADERS[arch]
+            register_model(name, _factory(card, module, function), data.get("description", arch), kind,
+                           int(data.get("priority", 0)))
+
+
+register_installed_models()

@@ -17,7 +17,8 @@ Text encoders (:class:`TextEncoder`): ``encode(names) -> (n, dim) float32``, row
 
 Names are turned into prompts by :func:`expand_structure_name` (``"Frontal_Sup_Orb_R"`` ->
 ``"right frontal superior orbital"``): the plain class name is the prompt, as Quality Sentinel found
-it works best. Every encoder caches one row per name, so repeated names cost nothing.
+it works best. Every encoder caches one row per prompt (per name for one-hot), so repeated names --
+and spellings of one prompt, ``"kidney_left"`` and ``"left kidney"`` -- cost nothing.
 
 Each text encoder has a ``name``, a spec string that :func:`text_encoder_from_spec` turns back into an
 equal encoder (model cards store it): ``"minilm"``, ``'onehot:["liver", "spleen"]'``,
@@ -51,6 +52,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import threading
 from copy import deepcopy
@@ -158,7 +160,7 @@ class TextEncoder(Protocol):
 
 
 class _CachedTextEncoder:
-    """Base of the text encoders: a per-name cache around ``_embed`` (the model call)."""
+    """Base of the text encoders: a cache around ``_embed`` (the model call), keyed by ``_key(name)``."""
 
     dim: int
     name: str
@@ -167,29 +169,41 @@ class _CachedTextEncoder:
         self._cache: dict[str, np.ndarray] = {}
         self._lock = threading.Lock()
 
-    def _embed(self, names: list[str]) -> np.ndarray:
-        """Vectors (len(names), dim) float32 with unit rows, for names not cached yet."""
+    def _key(self, name: str) -> str:
+        """Cache key and model input of ``name`` (the prompt, for the language-model encoders)."""
+        return name
+
+    def _embed(self, keys: list[str]) -> np.ndarray:
+        """Vectors (len(keys), dim) float32 with unit rows, for keys not cached yet."""
         raise NotImplementedError
 
     def encode(self, names: Sequence[str]) -> np.ndarray:
         """Vectors of ``names``, shape (len(names), dim), float32, unit rows (a new array)."""
         if isinstance(names, str):
             names = [names]
-        names = [str(n) for n in names]
+        keys = [self._key(str(n)) for n in names]
         with self._lock:
-            todo = list(dict.fromkeys(n for n in names if n not in self._cache))
+            todo = list(dict.fromkeys(k for k in keys if k not in self._cache))
             if todo:
                 rows = np.asarray(self._embed(todo), dtype=np.float32)
-                for n, row in zip(todo, rows):
+                for k, row in zip(todo, rows):
                     row = row.copy()
                     row.flags.writeable = False
-                    self._cache[n] = row
-            if not names:
+                    self._cache[k] = row
+            if not keys:
                 return np.zeros((0, self.dim), np.float32)
-            return np.stack([self._cache[n] for n in names])
+            return np.stack([self._cache[k] for k in keys])
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, dim={self.dim})"
+
+
+def _offline() -> None:
+    """Tell Hugging Face libraries not to reach the hub (unless the user set HF_HUB_OFFLINE).
+
+    Called before they are imported: huggingface_hub reads the variable once, at import.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def _unit_rows(x: np.ndarray) -> np.ndarray:
@@ -224,7 +238,7 @@ def _load_minilm(device: str) -> Any:
     with _MINILM_LOCK:
         model = _MINILM_MODELS.get(device)
         if model is None:
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            _offline()
             path = minilm_model_dir()
             from sentence_transformers import SentenceTransformer
             from transformers.utils import logging as hf_logging
@@ -255,11 +269,13 @@ class MiniLMTextEncoder(_CachedTextEncoder):
         self.batch_size = int(batch_size)
         self.name = "minilm"
 
-    def _embed(self, names: list[str]) -> np.ndarray:
+    def _key(self, name: str) -> str:
+        return expand_structure_name(name)
+
+    def _embed(self, prompts: list[str]) -> np.ndarray:
         import torch
 
         model = _load_minilm(self.device)
-        prompts = [expand_structure_name(n) for n in names]
         with torch.no_grad():
             vectors = model.encode(prompts, batch_size=self.batch_size, convert_to_numpy=True,
                                    normalize_embeddings=True, show_progress_bar=False)
@@ -325,7 +341,7 @@ def _resolve_openclip_config(model_name: str) -> tuple[dict, dict]:
         if not (isinstance(cfg, dict) and all(k in cfg for k in ("embed_dim", "vision_cfg", "text_cfg"))):
             raise InputError(path, "open_clip config needs embed_dim, vision_cfg and text_cfg")
         return deepcopy(cfg), overlay
-    cfg = open_clip.get_model_config(model_name)
+    cfg = open_clip.get_model_config(model_name) or open_clip.get_model_config(model_name.replace("/", "-"))
     if cfg is None:
         raise InputError(model_name, "unknown open_clip model: not a built-in or registered name "
                          "(open_clip.add_model_config), a folder with open_clip_config.json, or a config .json")
@@ -343,10 +359,27 @@ def _checkpoint_file(checkpoint: str | os.PathLike) -> Path:
         for fname in _CHECKPOINT_NAMES:
             if (path / fname).is_file():
                 return path / fname
-        raise InputError(path, "no open_clip checkpoint (open_clip_pytorch_model.bin, *.safetensors) in the folder")
+        found = [p for p in sorted(path.iterdir()) if p.suffix in (".safetensors", ".bin", ".pt", ".pth")]
+        if len(found) == 1:
+            return found[0]
+        raise InputError(path, f"expected one checkpoint in the folder ({', '.join(_CHECKPOINT_NAMES[:3])}, or a "
+                         f"single .safetensors/.bin/.pt/.pth file), found {len(found)}")
     if not path.is_file():
         raise InputError(path, "checkpoint file not found (weights are never downloaded: pass a local file)")
     return path
+
+
+def _load_problem(err: Exception) -> str:
+    """One short line saying why a checkpoint could not be read (torch's own advice left out)."""
+    text = str(err)
+    if isinstance(err, pickle.UnpicklingError):
+        found = re.search(r"WeightsUnpickler error:\s*(.*?)\s*(?:Check the documentation|$)", text, re.S)
+        if found or "weights_only" in text:
+            detail = " ".join((found.group(1) if found else "").split())
+            detail = re.split(r"\. (?=Please|Check)", detail)[0][:160]
+            return (f"torch.load(weights_only=True) refused it: {detail or 'not a weights-only pickle'}; "
+                    "it reads only tensors and plain containers: save the state_dict alone, or as .safetensors")
+    return f"{type(err).__name__}: {' '.join(text.split())[:200]}"
 
 
 def read_state_dict(checkpoint: str | os.PathLike) -> dict[str, "torch.Tensor"]:
@@ -368,8 +401,7 @@ def read_state_dict(checkpoint: str | os.PathLike) -> dict[str, "torch.Tensor"]:
         else:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:  # corrupt, truncated, not a checkpoint, or unsafe pickle
-        detail = " ".join(str(err).split())[:200]
-        raise InputError(path, f"not a readable checkpoint ({type(err).__name__}: {detail})") from err
+        raise InputError(path, f"not a readable checkpoint ({_load_problem(err)})") from err
 
     for _ in range(3):  # nested wrappers, e.g. {"model": {"state_dict": ...}}
         if isinstance(state, Mapping) and not any(isinstance(v, torch.Tensor) for v in state.values()):
@@ -415,9 +447,9 @@ def _tower_state(state: dict, tower: str) -> dict:
 def _load_tower(module: "torch.nn.Module", state: dict, path: Path, what: str) -> None:
     """Load ``state`` into ``module`` strictly; any mismatch is an :class:`InputError` naming ``path``."""
     expected = module.state_dict()
-    state = {k: v for k, v in state.items()
-             if k in expected or not k.endswith("position_ids")}  # HF buffers older checkpoints carry
-    missing = [k for k in expected if k not in state]
+    # Hugging Face ``position_ids`` buffers are persistent in some transformers versions only
+    state = {k: v for k, v in state.items() if k in expected or not k.endswith("position_ids")}
+    missing = [k for k in expected if k not in state and not k.endswith("position_ids")]
     unexpected = [k for k in state if k not in expected]
     shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
               if k in state and tuple(state[k].shape) != tuple(v.shape)]
@@ -430,7 +462,7 @@ def _load_tower(module: "torch.nn.Module", state: dict, path: Path, what: str) -
         problems.append(f"{len(shapes)} with other shapes (e.g. {'; '.join(shapes[:2])})")
     if problems:
         raise InputError(path, f"checkpoint does not fit the {what}: " + ", ".join(problems) + " tensors")
-    module.load_state_dict(state, strict=True)
+    module.load_state_dict(state, strict=False)  # every other key was checked above
 
 
 def _freeze(module: "torch.nn.Module", device: "torch.device") -> "torch.nn.Module":
@@ -474,11 +506,11 @@ class OpenCLIPTextEncoder(_CachedTextEncoder):
                  tokenizer_dir: str | os.PathLike | None = None,
                  device: "str | torch.device" = "cpu", batch_size: int = 64):
         super().__init__()
+        _offline()
         import torch
         from open_clip.model import _build_text_tower  # builds only this tower (no vision weights)
         from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
 
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         self.model_name = str(model_name)
         cfg, _ = _resolve_openclip_config(self.model_name)
         if "multimodal_cfg" in cfg:
@@ -537,9 +569,11 @@ class OpenCLIPTextEncoder(_CachedTextEncoder):
                 out.append(feats.float().cpu())
         return torch.cat(out)
 
-    def _embed(self, names: list[str]) -> np.ndarray:
-        feats = self._forward([expand_structure_name(n) for n in names])
-        return _unit_rows(feats.numpy())
+    def _key(self, name: str) -> str:
+        return expand_structure_name(name)
+
+    def _embed(self, prompts: list[str]) -> np.ndarray:
+        return _unit_rows(self._forward(prompts).numpy())
 
 
 def text_encoder_from_spec(spec: str, device: "str | None" = None) -> TextEncoder:
@@ -592,6 +626,7 @@ class OpenCLIPImageEncoder:
 
     def __init__(self, model_name: str, checkpoint: str | os.PathLike,
                  device: "str | torch.device | None" = None, batch_size: int = 32):
+        _offline()
         import torch
         from open_clip.model import _build_vision_tower  # builds only this tower (no text model)
         from open_clip.transform import PreprocessCfg, merge_preprocess_dict

@@ -66,6 +66,28 @@ class SampleSet:
         return path
 
     @classmethod
+    def concat(cls, sets: list["SampleSet"]) -> "SampleSet":
+        """One set holding all slices and volumes of ``sets`` (names merged, ids renumbered)."""
+        names: list[str] = []
+        for s in sets:
+            names += [n for n in s.names if n not in names]
+        parts: dict[str, list] = {k: [] for k in ("x", "name", "dsc", "area", "volume", "in_volume", "volume_dsc",
+                                                  "volume_name", "volume_kind")}
+        subjects: list[str] = []
+        offset = 0
+        for s in sets:
+            remap = np.array([names.index(n) for n in s.names], dtype=np.int32)
+            parts["x"].append(s.x)
+            parts["name"].append(remap[s.name])
+            parts["volume"].append(s.volume + offset)
+            parts["volume_name"].append(remap[s.volume_name])
+            for key in ("dsc", "area", "in_volume", "volume_dsc", "volume_kind"):
+                parts[key].append(getattr(s, key))
+            subjects += list(s.volume_subject)
+            offset += len(s.volume_dsc)
+        return cls(names=names, **{k: np.concatenate(v) for k, v in parts.items()}, volume_subject=subjects)
+
+    @classmethod
     def load(cls, path: str | Path) -> "SampleSet":
         with np.load(path, allow_pickle=False) as data:
             return cls(names=[str(n) for n in data["names"]], x=data["x"], name=data["name"], dsc=data["dsc"],
@@ -112,18 +134,21 @@ def _good_mask(truth: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def _masks_for(subject: LabelledSubject, structure: str, others: list[str], rng: np.random.Generator,
-               per_band: int, algorithmic: int) -> Iterator[tuple[str, np.ndarray]]:
-    """(kind, mask) sample masks of one structure."""
+               per_band: int, algorithmic: int, kinds: tuple[str, ...]) -> Iterator[tuple[str, np.ndarray]]:
+    """(kind, mask) sample masks of one structure, of the given kinds."""
     truth = subject.segmentation.mask(structure)
-    for band in range(len(DSC_BANDS)):
-        for _ in range(per_band):
-            yield "degraded", degrade_to_band(truth.astype(np.uint8), band, rng=rng)[0] > 0
-    for _ in range(max(1, per_band // 2)):
-        yield "good", _good_mask(truth, rng)
-    yield "empty", np.zeros_like(truth)
-    if others:
+    if "degraded" in kinds:
+        for band in range(len(DSC_BANDS)):
+            for _ in range(per_band):
+                yield "degraded", degrade_to_band(truth.astype(np.uint8), band, rng=rng)[0] > 0
+    if "good" in kinds:
+        for _ in range(max(1, per_band // 2)):
+            yield "good", _good_mask(truth, rng)
+    if "empty" in kinds:
+        yield "empty", np.zeros_like(truth)
+    if "wrong" in kinds and others:
         yield "wrong", subject.segmentation.mask(others[int(rng.integers(len(others)))])
-    if algorithmic:
+    if "algorithmic" in kinds and algorithmic:
         try:
             from ..data.algorithmic import algorithmic_segmentations
         except ImportError:
@@ -133,7 +158,8 @@ def _masks_for(subject: LabelledSubject, structure: str, others: list[str], rng:
 
 
 def build_samples(split: str, config: SentinelConfig, seed: int = 0, per_band: int = 3, extra_slices: int = 6,
-                  algorithmic: int = 2, progress: bool = True, structures: list[str] | None = None) -> SampleSet:
+                  algorithmic: int = 2, progress: bool = True, structures: list[str] | None = None,
+                  kinds: tuple[str, ...] = KINDS) -> SampleSet:
     """Generate the sample set of ``split`` (see module docstring), seeded.
 
     per_band: degraded volumes per DSC band and structure; extra_slices: random slices of
@@ -162,7 +188,7 @@ def build_samples(split: str, config: SentinelConfig, seed: int = 0, per_band: i
             if shown not in names:
                 names.append(shown)
             others = [s.name for s in subject.segmentation.segments if s.name != structure]
-            for kind, mask in _masks_for(subject, structure, others, rng, per_band, algorithmic):
+            for kind, mask in _masks_for(subject, structure, others, rng, per_band, algorithmic, kinds):
                 mask = np.ascontiguousarray(to_ras(mask, axes, flips))
                 volume_id = len(v_dsc)
                 v_dsc.append(dice(mask, truth))

@@ -1,0 +1,80 @@
+"""`segqc train sentinel` and `segqc eval` for Sentinel models: data building, training, evaluation."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ..models.sentinel import SentinelConfig, load_model
+from .sentinel_data import KINDS, SampleSet, build_samples
+
+EVAL_SPLITS = ("test-subject", "test-structures")
+#: seeds of the splits, fixed so that every evaluation of every model sees the same samples
+SPLIT_SEEDS = {"train": 0, "val": 1, "test-structures": 2, "test-subject": 3}
+
+
+def sample_set(data_dir: Path, split: str, config: SentinelConfig, per_band: int = 3, algorithmic: int = 2,
+               progress: bool = True, log=print) -> SampleSet:
+    """The samples of ``split`` for ``config``'s input geometry, built once and cached in ``data_dir``."""
+    tag = f"{split}-s{config.size}-m{config.margin_px}-b{per_band}-a{algorithmic}"
+    path = data_dir / f"{tag}.npz"
+    if path.exists():
+        return SampleSet.load(path)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log(f"building {split} samples -> {path}")
+    samples = build_samples(split, config, seed=SPLIT_SEEDS[split], per_band=per_band,
+                            extra_slices=6 if split == "train" else 0, algorithmic=algorithmic, progress=progress)
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    samples.save(tmp)
+    tmp.replace(path)
+    return samples
+
+
+def evaluate_model(card_or_model, data_dir: Path, splits=EVAL_SPLITS, device: str = "cpu",
+                   progress: bool = True, log=print) -> dict[str, Any]:
+    """Evaluate a Sentinel model (card path or loaded SentinelQC) on held-out splits."""
+    import torch
+
+    from .sentinel_train import evaluate_predictions, predict_set, text_table_for
+
+    model = load_model(card_or_model, device) if isinstance(card_or_model, (str, Path)) else card_or_model
+    results = {}
+    for split in splits:
+        samples = sample_set(data_dir, split, model.config, progress=progress, log=log)
+        table = text_table_for(samples.names, model.text_encoder)
+        pred = predict_set(model.net, samples, table, device=str(model.device))
+        report = evaluate_predictions(samples, pred)
+        report.pop("volume_pred")
+        results[split] = report
+    return results
+
+
+def format_report(results: dict[str, Any]) -> str:
+    """A plain-text table of LCC / SROCC / MAE / MAP@5 / MAP@10 per split and level."""
+    lines = [f"{'split':<18}{'level':<8}{'n':>6}{'LCC':>8}{'SROCC':>8}{'MAE':>8}{'MAP@5':>8}{'MAP@10':>8}"]
+    for split, report in results.items():
+        for level in ("volume", "slice"):
+            r = report[level]
+            lines.append(f"{split:<18}{level:<8}{r['n']:>6}{r['lcc']:>8.3f}{r['srocc']:>8.3f}{r['mae']:>8.3f}"
+                         f"{r.get('map@5', float('nan')):>8.3f}{r.get('map@10', float('nan')):>8.3f}")
+        kinds = ", ".join(f"{k}: pred {v['mean_pred']:.2f} / true {v['mean_true']:.2f} (max pred {v['max_pred']:.2f})"
+                          for k, v in report["by_kind"].items())
+        lines.append(f"{'':<18}by kind — {kinds}")
+    return "\n".join(lines)
+
+
+def write_card(best_json: Path, out: Path, name: str, results: dict[str, Any], extra: dict[str, Any]) -> Path:
+    """Copy the best weights to ``out`` (stem) with a model card holding the measured numbers."""
+    import shutil
+
+    card = json.loads(best_json.read_text())
+    weights = best_json.parent / card["weights"]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(weights, out.with_suffix(".safetensors"))
+    card.update(extra)
+    card.update({"name": name, "weights": out.with_suffix(".safetensors").name, "metrics": results})
+    out.with_suffix(".json").write_text(json.dumps(card, indent=2))
+    return out.with_suffix(".json")
+
+
+__all__ = ["sample_set", "evaluate_model", "format_report", "write_card", "KINDS"]

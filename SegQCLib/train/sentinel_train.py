@@ -1,0 +1,205 @@
+"""Training and evaluation of Quality Sentinel on :class:`~SegQCLib.train.sentinel_data.SampleSet` files.
+
+Loss (Sentinel paper, eq. 3): MSE weighted by the inverse frequency of the true-DSC bin (so the
+rare low-quality slices count) + lambda * optimal-pair ranking loss. Pairs are formed inside each
+batch by SciPy's ``linear_sum_assignment`` on the cosine similarity of the structures' text
+embeddings, self-pairs forbidden; each pair (i, j) costs max(0, (p_i - p_j)(t_j - t_i) + margin).
+
+Checkpoints (``checkpoint.pt``: weights, optimiser, epoch, best score) are written after every
+epoch and on Ctrl-C, so ``segqc train sentinel`` resumes where it stopped.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from ..models.sentinel import SentinelConfig, SentinelNet, area_weighted_mean, save_model
+from .evaluation import agreement
+from .sentinel_data import KINDS, SampleSet
+
+
+@dataclass
+class TrainOptions:
+    """epochs, batch size, Adam learning rate, ranking-loss weight (lambda) and margin (xi), seed."""
+
+    epochs: int = 12
+    batch_size: int = 64
+    lr: float = 1e-3
+    rank_weight: float = 1.0
+    margin: float = 0.01
+    bins: int = 10
+    seed: int = 0
+    threads: int = 0
+
+
+def optimal_pairs(text: torch.Tensor) -> np.ndarray:
+    """Partner index of each sample: the assignment maximising total cosine similarity, no self-pairs.
+
+    text: (n, d) embeddings. Returns (n,) ints (a permutation without fixed points for n >= 2).
+    """
+    unit = torch.nn.functional.normalize(text.float(), dim=1)
+    cost = -(unit @ unit.T).cpu().numpy()
+    np.fill_diagonal(cost, 1e6)  # the paper's +inf on the diagonal; finite so the solver accepts it
+    _, partner = linear_sum_assignment(cost)
+    return partner
+
+
+def ranking_loss(pred: torch.Tensor, true: torch.Tensor, partner: np.ndarray, margin: float) -> torch.Tensor:
+    """Mean over pairs (i, partner[i]) of max(0, (p_i - p_j)(t_j - t_i) + margin)."""
+    j = torch.as_tensor(partner, device=pred.device)
+    return torch.clamp((pred - pred[j]) * (true[j] - true) + margin, min=0.0).mean()
+
+
+def bin_weights(dsc: np.ndarray, bins: int) -> np.ndarray:
+    """Per-bin weights (bins,) = inverse frequency of true DSC in [0, 1], normalised to mean 1 over samples."""
+    counts = np.bincount(np.clip((dsc * bins).astype(int), 0, bins - 1), minlength=bins).astype(float)
+    weights = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / bins, 0.0)
+    mean = (weights[np.clip((dsc * bins).astype(int), 0, bins - 1)]).mean()
+    return weights / mean
+
+
+def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Left-right flips and a random gamma of the image channel (x: (b, 2, s, s) in [0, 1])."""
+    flip = torch.rand(x.shape[0], generator=generator) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    gamma = torch.exp(torch.randn(x.shape[0], generator=generator) * 0.15)[:, None, None]
+    return torch.stack([x[:, 0].clamp_min(0) ** gamma, x[:, 1]], dim=1)
+
+
+@torch.no_grad()
+def predict_set(net: SentinelNet, samples: SampleSet, text_table: torch.Tensor, batch_size: int = 256,
+                device: str = "cpu") -> np.ndarray:
+    """Predicted DSC (N,) of every slice of ``samples`` (clamped to [0, 1])."""
+    net.eval()
+    out = []
+    for start in range(0, len(samples.x), batch_size):
+        x = torch.from_numpy(samples.x[start:start + batch_size]).float().div_(255.0).to(device)
+        t = text_table[torch.from_numpy(samples.name[start:start + batch_size]).long()].to(device)
+        out.append(net(x, t).clamp(0.0, 1.0).cpu())
+    return torch.cat(out).numpy() if out else np.zeros(0)
+
+
+def evaluate_predictions(samples: SampleSet, pred: np.ndarray) -> dict[str, Any]:
+    """Slice- and volume-level agreement of ``pred`` (one per slice) with the truth in ``samples``.
+
+    Slice level: slices with a defined 2D DSC. Volume level: the area-weighted mean over each
+    sample volume's 10 volume slices vs its true 3D DSC; also broken down by kind and by band.
+    """
+    names = np.asarray(samples.names)
+    ok = ~np.isnan(samples.dsc)
+    report: dict[str, Any] = {"slice": agreement(pred[ok], samples.dsc[ok], names[samples.name[ok]])}
+    n_vol = len(samples.volume_dsc)
+    vol_pred = np.full(n_vol, np.nan)
+    for v in range(n_vol):
+        sel = (samples.volume == v) & samples.in_volume
+        vol_pred[v] = area_weighted_mean(pred[sel], samples.area[sel])
+    report["volume"] = agreement(vol_pred, samples.volume_dsc, names[samples.volume_name])
+    report["by_kind"] = {}
+    for k, kind in enumerate(KINDS):
+        sel = samples.volume_kind == k
+        if sel.any():
+            report["by_kind"][kind] = {"n": int(sel.sum()), "mean_pred": float(np.mean(vol_pred[sel])),
+                                       "mean_true": float(np.mean(samples.volume_dsc[sel])),
+                                       "max_pred": float(np.max(vol_pred[sel])),
+                                       "mae": float(np.mean(np.abs(vol_pred[sel] - samples.volume_dsc[sel])))}
+    report["volume_pred"] = vol_pred.tolist()
+    return report
+
+
+def text_table_for(names: list[str], encoder) -> torch.Tensor:
+    """(len(names), dim) float tensor of the names' embeddings."""
+    return torch.from_numpy(np.asarray(encoder.encode(names), dtype=np.float32))
+
+
+def train(out_dir: str | Path, train_set: SampleSet, val_set: SampleSet, config: SentinelConfig,
+          options: TrainOptions, encoder, progress: bool = True, log=print) -> Path:
+    """Train (resuming from ``out_dir/checkpoint.pt`` when present); returns the best model card path.
+
+    The best epoch by validation volume-level LCC is saved as ``out_dir/best.{safetensors,json}``.
+    """
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    torch.manual_seed(options.seed)
+    generator = torch.Generator().manual_seed(options.seed)
+    net = SentinelNet(config)
+    optimiser = torch.optim.Adam(net.parameters(), lr=options.lr)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=max(options.epochs, 1))
+    start_epoch, best, history = 0, -math.inf, []
+    checkpoint = out_dir / "checkpoint.pt"
+    if checkpoint.exists():
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        net.load_state_dict(state["net"])
+        optimiser.load_state_dict(state["optimiser"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, best = int(state["epoch"]), float(state["best"])
+        history = json.loads((out_dir / "history.json").read_text()) if (out_dir / "history.json").exists() else []
+        generator.manual_seed(options.seed + start_epoch)
+        log(f"resuming after epoch {start_epoch} (best val volume LCC {best:.4f})")
+
+    train_text = text_table_for(train_set.names, encoder)
+    val_text = text_table_for(val_set.names, encoder)
+    usable = np.flatnonzero(~np.isnan(train_set.dsc))
+    weights_per_bin = torch.from_numpy(bin_weights(train_set.dsc[usable], options.bins)).float()
+
+    def save_checkpoint(epoch: int) -> None:
+        tmp = checkpoint.with_suffix(".tmp")
+        torch.save({"net": net.state_dict(), "optimiser": optimiser.state_dict(),
+                    "scheduler": scheduler.state_dict(), "epoch": epoch, "best": best}, tmp)
+        tmp.replace(checkpoint)
+        (out_dir / "history.json").write_text(json.dumps(history, indent=1))
+
+    epoch = start_epoch
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn())
+    try:
+        with Progress(*columns, disable=not progress) as bar:
+            for epoch in range(start_epoch, options.epochs):
+                net.train()
+                order = usable[torch.randperm(len(usable), generator=generator).numpy()]
+                n_batches = len(order) // options.batch_size
+                task = bar.add_task(f"epoch {epoch + 1}/{options.epochs}", total=n_batches, loss=0.0)
+                started, running = time.perf_counter(), 0.0
+                for b in range(n_batches):
+                    idx = np.sort(order[b * options.batch_size:(b + 1) * options.batch_size])
+                    x = _augment(torch.from_numpy(train_set.x[idx]).float().div_(255.0), generator)
+                    text = train_text[torch.from_numpy(train_set.name[idx]).long()]
+                    true = torch.from_numpy(train_set.dsc[idx]).float()
+                    pred = net(x, text)
+                    w = weights_per_bin[torch.clamp((true * options.bins).long(), 0, options.bins - 1)]
+                    loss = (w * (pred - true) ** 2).mean()
+                    if options.rank_weight:
+                        loss = loss + options.rank_weight * ranking_loss(pred, true, optimal_pairs(text),
+                                                                         options.margin)
+                    optimiser.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimiser.step()
+                    running = 0.98 * running + 0.02 * float(loss) if b else float(loss)
+                    bar.update(task, advance=1, loss=running)
+                scheduler.step()
+                report = evaluate_predictions(val_set, predict_set(net, val_set, val_text))
+                score = report["volume"]["lcc"]
+                history.append({"epoch": epoch + 1, "loss": running, "seconds": time.perf_counter() - started,
+                                "val_slice": report["slice"], "val_volume": report["volume"]})
+                log(f"epoch {epoch + 1}: loss {running:.4f}  val slice LCC {report['slice']['lcc']:.3f}  "
+                    f"volume LCC {score:.3f} SROCC {report['volume']['srocc']:.3f} MAE {report['volume']['mae']:.3f}")
+                if score > best:
+                    best = score
+                    save_model(net, config, out_dir / "best", {"name": "best", "trained_epochs": epoch + 1})
+                save_checkpoint(epoch + 1)
+    except KeyboardInterrupt:
+        save_checkpoint(epoch)
+        log(f"interrupted: checkpoint saved after epoch {epoch}; run the same command to resume")
+        raise
+    return out_dir / "best.json"

@@ -1,0 +1,234 @@
+"""Quality Sentinel: network, published-checkpoint loading, losses, training/resume, QC protocol."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from SegQCLib.models.sentinel import (SentinelConfig, SentinelNet, SentinelQC, load_model,
+                                      load_published_checkpoint, save_model, slice_boxes, slice_inputs)
+from SegQCLib.errors import InputError
+from SegQCLib.train.evaluation import agreement, average_precision_at_k
+from SegQCLib.train.sentinel_train import bin_weights, optimal_pairs, ranking_loss
+from SegQCLib.volume import Volume
+
+TEMPLATES = Path("/usr/share/mricron/templates")
+needs_mricron = pytest.mark.skipif(not (TEMPLATES / "aal.nii.gz").exists(), reason="apt-get install mricron-data")
+SHIPPED = Path(__file__).resolve().parents[1] / "Resources" / "Models" / "sentinel-brain-mr.json"
+
+
+class PublishedLayout(nn.Module):
+    """The public Quality Sentinel module layout, written here from its description (torchvision
+    ResNet50 inside ``net``, a biased 2-channel stem beside it, linear gates, hidden 50)."""
+
+    def __init__(self, hidden: int = 50, text_dim: int = 512):
+        super().__init__()
+        import torchvision
+
+        self.net = torchvision.models.resnet50(weights=None)
+        self.conv1 = nn.Conv2d(2, 64, kernel_size=7, stride=2, padding=3)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.fc1, self.fc2 = nn.Linear(2048, hidden), nn.Linear(hidden, 1)
+        self.attention1 = nn.Linear(2048 + text_dim, 2048)
+        self.attention2 = nn.Linear(2048 + text_dim, hidden)
+
+    def forward(self, x, text):
+        x = nn.functional.max_pool2d(torch.relu(self.bn1(self.conv1(x))), 3, 2, 1)
+        for layer in (self.net.layer1, self.net.layer2, self.net.layer3, self.net.layer4):
+            x = layer(x)
+        f = torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
+        ft = torch.cat([f, text], 1)
+        return self.fc2(self.attention2(ft) * self.fc1(self.attention1(ft) * f)).squeeze(1)
+
+
+def test_published_checkpoint_loads_by_key_mapping(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    reference = PublishedLayout().eval()
+    with torch.no_grad():  # non-trivial batch-norm statistics, so a wrong mapping shows
+        for module in reference.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.1, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+    path = tmp_path / "best_resnet50_model.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in reference.state_dict().items()}}, path)
+    model = load_published_checkpoint(path)
+    x, text = torch.rand(3, 2, 64, 64), torch.randn(3, 512)
+    with torch.no_grad():
+        np.testing.assert_allclose(model.net(x, text).numpy(), reference(x, text).numpy(), rtol=1e-4, atol=1e-5)
+    assert model.config.backbone == "resnet50" and model.config.hidden == 50 and model.config.text_dim == 512
+
+
+def test_published_loader_rejects_foreign_and_corrupt_files(tmp_path: Path) -> None:
+    foreign = tmp_path / "other.pth"
+    torch.save({"encoder.weight": torch.zeros(2)}, foreign)
+    with pytest.raises(InputError, match="other.pth: not a Quality Sentinel checkpoint"):
+        load_published_checkpoint(foreign)
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(b"\x80\x04not a zip")
+    with pytest.raises(InputError, match="corrupt.pth: cannot read checkpoint safely"):
+        load_published_checkpoint(corrupt)
+
+
+def test_optimal_pairs_pair_similar_names_and_never_self() -> None:
+    base = torch.eye(4)
+    text = torch.cat([base, base + 0.01 * torch.randn(4, 4, generator=torch.Generator().manual_seed(1))])
+    partner = optimal_pairs(text)  # sample i and i + 4 embed the same structure
+    assert all(partner[i] != i for i in range(8))
+    assert all(partner[i] == (i + 4) % 8 for i in range(8))
+
+
+def test_ranking_loss_penalises_wrong_order_only() -> None:
+    true = torch.tensor([0.2, 0.8])
+    partner = np.array([1, 0])
+    assert float(ranking_loss(torch.tensor([0.1, 0.9]), true, partner, margin=0.0)) == 0.0
+    wrong = float(ranking_loss(torch.tensor([0.9, 0.1]), true, partner, margin=0.0))
+    assert wrong == pytest.approx(0.8 * 0.6)  # (p_i - p_j)(t_j - t_i) = 0.8 * 0.6 for both pairs
+
+
+def test_bin_weights_favour_rare_bins() -> None:
+    dsc = np.array([0.95] * 90 + [0.05] * 10)
+    w = bin_weights(dsc, 10)
+    assert w[0] == pytest.approx(9 * w[9])
+    assert np.mean(w[np.clip((dsc * 10).astype(int), 0, 9)]) == pytest.approx(1.0)
+
+
+def test_map_at_k_and_agreement() -> None:
+    true = np.array([0.1, 0.2, 0.9, 0.8, 0.7])
+    assert average_precision_at_k(np.array([0.1, 0.2, 0.9, 0.8, 0.7]), true, 2) == 1.0
+    assert average_precision_at_k(np.array([0.9, 0.8, 0.1, 0.2, 0.7]), true, 2) == 0.0
+    assert average_precision_at_k(np.array([0.1, 0.9, 0.2, 0.8, 0.7]), true, 2) == pytest.approx(0.5)
+    report = agreement(true * 0.5, true)
+    assert report["lcc"] == pytest.approx(1.0) and report["srocc"] == pytest.approx(1.0)
+    assert report["mae"] == pytest.approx(np.mean(true * 0.5))
+
+
+def test_slice_boxes_are_square_around_the_mask_with_margin() -> None:
+    mask = np.zeros((2, 100, 120), bool)
+    mask[0, 10:30, 40:50] = True
+    boxes = slice_boxes(mask, np.array([0, 1]), margin_px=5)
+    x1, y1, x2, y2 = boxes[0]
+    assert (x2 - x1) == (y2 - y1) == 30  # 20 rows + 2 * 5
+    assert ((x1 + x2) / 2, (y1 + y2) / 2) == (45.0, 20.0)
+    assert tuple(boxes[1]) == (0.0, -10.0, 120.0, 110.0)  # empty slice: whole slice, squared
+
+
+def test_slice_inputs_resize_crop_to_model_size() -> None:
+    image = np.random.default_rng(0).random((3, 64, 64)).astype(np.float32)
+    mask = np.zeros((3, 64, 64), bool)
+    mask[1, 20:40, 20:40] = True
+    x = slice_inputs(image, mask, [1], SentinelConfig(size=32, margin_px=0))
+    assert x.shape == (1, 2, 32, 32)
+    assert float(x[0, 1, 1:-1, 1:-1].min()) > 0.99  # crop == the mask's box: the mask fills it
+    assert float(x[0, 1].mean()) > 0.9  # (the outermost ring interpolates with the background)
+
+
+def _tiny_config(text_dim: int) -> SentinelConfig:
+    return SentinelConfig(backbone="resnet10", widen=0.25, size=32, margin_px=4, text_encoder="onehot:[\"a\", \"b\"]",
+                          text_dim=text_dim)
+
+
+class _FixedText:
+    """A two-name encoder for unit tests (the real ones are tested in test_encoders.py)."""
+
+    name, dim = "fixed", 2
+
+    def encode(self, names):
+        return np.array([[1.0, 0.0] if n == "ball" else [0.0, 1.0] for n in names], np.float32)
+
+
+def test_save_load_round_trip_and_registry(tmp_path: Path, monkeypatch) -> None:
+    config = _tiny_config(2)
+    torch.manual_seed(0)
+    net = SentinelNet(config)
+    card = save_model(net, config, tmp_path / "tiny", {"name": "tiny-test", "description": "unit test"})
+    model = load_model(card)
+    model._text_encoder = _FixedText()
+    x = torch.rand(2, 2, 32, 32)
+    with torch.no_grad():
+        np.testing.assert_allclose(model.net(x, torch.eye(2)).numpy(), net.eval()(x, torch.eye(2)).numpy(), atol=1e-6)
+    data = json.loads(card.read_text())
+    assert data["architecture"] == "sentinel" and data["weights"] == "tiny.safetensors"
+    (tmp_path / "tiny.safetensors").write_bytes(b"garbage")
+    with pytest.raises(InputError, match="tiny.safetensors: cannot read weights"):
+        load_model(card)
+
+
+def test_assess_reports_input_slice_indices_and_flags() -> None:
+    config = _tiny_config(2)
+    torch.manual_seed(0)
+    model = SentinelQC("tiny", SentinelNet(config), config, text_encoder=_FixedText())
+    rng = np.random.default_rng(0)
+    mask = np.zeros((12, 40, 40), bool)
+    mask[3:9, 10:30, 12:28] = True
+    image = Volume.from_array(rng.random((12, 40, 40)).astype(np.float32) * 100, spacing=(2, 1, 1))
+    result = model.assess(image, mask, "ball", threshold=1.1)
+    assert [row["index"] for row in result.slices] == list(range(3, 9))
+    assert all(row["flagged"] for row in result.slices)  # threshold above any DSC
+    assert 0.0 <= result.volume["dsc"] <= 1.0
+    # the same volume stored head-first (z flipped): rows still name the input's own slice indices
+    flipped = Volume.from_array(image.array[::-1].copy(), spacing=(2, 1, 1),
+                                direction=np.diag([1.0, 1.0, -1.0]).ravel())
+    again = model.assess(flipped, mask[::-1].copy(), "ball", threshold=1.1)
+    assert [row["index"] for row in again.slices] == list(range(3, 9))
+    by_index = {row["index"]: row["dsc"] for row in again.slices}
+    for row in result.slices:  # same anatomy, same scores
+        assert by_index[11 - row["index"]] == pytest.approx(row["dsc"], abs=1e-5)
+
+
+@needs_mricron
+def test_training_learns_and_resumes(tmp_path: Path) -> None:
+    from SegQCLib.train.sentinel_data import build_samples
+    from SegQCLib.train.sentinel_train import TrainOptions, evaluate_predictions, predict_set, train
+
+    config = _tiny_config(2)
+    samples = build_samples("val", config, seed=0, per_band=1, extra_slices=2, algorithmic=0, progress=False,
+                            structures=["Pallidum_L", "Fusiform_L"])
+    encoder = _TwoNames(samples.names)
+    options = TrainOptions(epochs=1, batch_size=16, lr=3e-3, seed=0)
+    train(tmp_path, samples, samples, config, options, encoder, progress=False, log=lambda *_: None)
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert len(history) == 1 and (tmp_path / "checkpoint.pt").exists() and (tmp_path / "best.json").exists()
+    options.epochs = 6
+    train(tmp_path, samples, samples, config, options, encoder, progress=False, log=lambda *_: None)
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5, 6]  # resumed after epoch 1, not restarted
+    model = load_model(tmp_path / "best.json")
+    table = torch.from_numpy(encoder.encode(samples.names))
+    report = evaluate_predictions(samples, predict_set(model.net, samples, table))
+    ok = ~np.isnan(samples.dsc)
+    constant = float(np.mean(np.abs(samples.dsc[ok] - np.mean(samples.dsc[ok]))))
+    print("slice", report["slice"], "constant-predictor MAE", constant)
+    assert report["slice"]["mae"] < constant  # it learnt more than the mean DSC
+    assert report["slice"]["lcc"] > 0.3
+
+
+class _TwoNames:
+    def __init__(self, names):
+        self.names, self.name, self.dim = list(names), "fixed", 2
+
+    def encode(self, names):
+        return np.eye(2, dtype=np.float32)[[self.names.index(n) for n in names]]
+
+
+@pytest.mark.skipif(not SHIPPED.exists(), reason="no shipped Sentinel model")
+@needs_mricron
+def test_shipped_model_scores_empty_and_wrong_masks_low() -> None:
+    from SegQCLib.data.sources import colin27
+    from SegQCLib.degrade import degrade_to_band
+    from SegQCLib.qc import load_model as load_registered
+
+    model = load_registered("sentinel-brain-mr", "cpu")
+    subject = colin27("aal")
+    truth = subject.segmentation.mask("Hippocampus_L")  # a structure held out of training
+    good = model.assess(subject.image, truth, "Hippocampus_L", all_slices=False).volume["dsc"]
+    bad = model.assess(subject.image, degrade_to_band(truth.astype(np.uint8), 0, seed=1)[0] > 0,
+                       "Hippocampus_L", all_slices=False).volume["dsc"]
+    empty = model.assess(subject.image, np.zeros_like(truth), "Hippocampus_L", all_slices=False).volume["dsc"]
+    wrong = model.assess(subject.image, subject.segmentation.mask("Caudate_L"), "Hippocampus_L",
+                         all_slices=False).volume["dsc"]
+    assert good > 0.7 and bad < good - 0.4
+    assert empty <= 0.2 and wrong <= 0.2
