@@ -274,7 +274,7 @@ def train_sentinel_cmd(
     widen: float = typer.Option(0.5, "--widen", help="Channel width factor of the ResNet."),
     size: int = typer.Option(96, "--size", help="Model input side in pixels (papers: 256)."),
     per_band: int = typer.Option(3, "--per-band", help="Degraded volumes per DSC band and structure."),
-    algorithmic: int = typer.Option(2, "--algorithmic", help="Algorithmic segmentations per structure."),
+    algorithmic: int = typer.Option(4, "--algorithmic", help="Algorithmic segmentations per structure."),
     seed: int = typer.Option(0, "--seed"),
     install: bool = typer.Option(False, "--install", help="Copy the best model into Resources/Models with its card."),
 ) -> None:

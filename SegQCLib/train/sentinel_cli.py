@@ -13,7 +13,7 @@ EVAL_SPLITS = ("test-subject", "test-structures")
 SPLIT_SEEDS = {"train": 0, "val": 1, "test-structures": 2, "test-subject": 3}
 
 
-def sample_set(data_dir: Path, split: str, config: SentinelConfig, per_band: int = 3, algorithmic: int = 2,
+def sample_set(data_dir: Path, split: str, config: SentinelConfig, per_band: int = 3, algorithmic: int = 4,
                progress: bool = True, log=print) -> SampleSet:
     """The samples of ``split`` for ``config``'s input geometry, built once and cached in ``data_dir``."""
     tag = f"{split}-s{config.size}-m{config.margin_px}-b{per_band}-a{algorithmic}"

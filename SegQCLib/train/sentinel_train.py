@@ -185,7 +185,7 @@ def train(out_dir: str | Path, train_set: SampleSet, val_set: SampleSet, config:
                     optimiser.zero_grad(set_to_none=True)
                     loss.backward()
                     optimiser.step()
-                    running = 0.98 * running + 0.02 * float(loss) if b else float(loss)
+                    running = 0.98 * running + 0.02 * loss.item() if b else loss.item()
                     bar.update(task, advance=1, loss=running)
                 scheduler.step()
                 report = evaluate_predictions(val_set, predict_set(net, val_set, val_text))
