@@ -370,26 +370,18 @@ class SegQCLogic(ScriptedLoadableModuleLogic):
         Neither segmentation is modified. Returns the result table node (``tableNode`` or a new
         one; see :meth:`resultToTable`); the :class:`QCResult` is kept in ``self.lastResult``.
         """
-        from SegQCLib import metrics
-        from SegQCLib.qc import QCResult
+        from SegQCLib.qc import compare_to_reference
 
-        start = time.perf_counter()
         progress = progressCallback or (lambda fraction, message="": None)
         progress(0.0, _("Exporting segments"))
         spacing = self.gridFromNode(volumeNode).spacing
         pred = self.segmentMask(segmentationNode, segmentId, volumeNode)
         ref = self.segmentMask(referenceSegmentationNode, referenceSegmentId, volumeNode)
-        progress(0.2, _("Per-slice metrics"))
-        sliceRows = metrics.slice_metrics(pred, ref, spacing)
-        progress(0.8, _("Volume metrics"))
-        volumeScores = metrics.volume_metrics(pred, ref, spacing)
+        progress(0.2, _("Metrics"))
         label = segmentationNode.GetSegmentation().GetSegment(segmentId).GetName()
         referenceName = referenceSegmentationNode.GetSegmentation().GetSegment(referenceSegmentId).GetName()
-        result = QCResult.from_slice_scores(
-            model=REFERENCE_MODEL, label=label, volume=volumeScores, slice_rows=sliceRows, threshold=threshold,
-            runtime_s=time.perf_counter() - start,
-            extra={"reference": f"{referenceSegmentationNode.GetName()}/{referenceName}"},
-        )
+        result = compare_to_reference(pred, ref, spacing, label, threshold)
+        result.extra["reference"] = f"{referenceSegmentationNode.GetName()}/{referenceName}"
         self.lastResult = result
         tableNode = self.resultToTable(result, tableNode)
         self._linkTable(tableNode, volumeNode, segmentationNode, segmentId)

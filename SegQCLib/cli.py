@@ -30,11 +30,7 @@ console = Console()
 def write_json(data: dict[str, Any], path: Path, inputs: tuple[str | Path, ...] = ()) -> None:
     """Write ``data`` as JSON atomically (temp file + rename); never over an input file."""
     path = Path(path)
-    for source in inputs:
-        if Path(source).exists() and path.exists() and path.resolve() == Path(source).resolve():
-            raise InputError(path, "output would overwrite an input file; choose another output path")
-    if not path.parent.exists():
-        raise InputError(path, f"output folder {path.parent} does not exist")
+    _check_new_output(path, inputs)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as handle:
@@ -48,13 +44,10 @@ def write_json(data: dict[str, Any], path: Path, inputs: tuple[str | Path, ...] 
 
 def _check_new_output(path: Optional[Path], inputs: tuple[str | Path, ...]) -> None:
     """Fail before any work when an output path is unusable."""
-    if path is None:
-        return
-    if not path.parent.exists():
-        raise InputError(path, f"output folder {path.parent} does not exist")
-    for source in inputs:
-        if Path(source).exists() and path.exists() and path.resolve() == Path(source).resolve():
-            raise InputError(path, "output would overwrite an input file; choose another output path")
+    from .io import check_output_path
+
+    if path is not None:
+        check_output_path(path, inputs)
 
 
 def _fmt(value: Any) -> str:
@@ -273,6 +266,7 @@ def train_sentinel_cmd(
     backbone: str = typer.Option("resnet18", "--backbone", help="resnet10, resnet18, resnet34 or resnet50."),
     widen: float = typer.Option(0.5, "--widen", help="Channel width factor of the ResNet."),
     size: int = typer.Option(96, "--size", help="Model input side in pixels (papers: 256)."),
+    context_mm: float = typer.Option(128.0, "--context-mm", help="Side of the fixed-size context view in mm (0: off, the papers' 2 channels)."),
     per_band: int = typer.Option(3, "--per-band", help="Degraded volumes per DSC band and structure."),
     algorithmic: int = typer.Option(4, "--algorithmic", help="Algorithmic segmentations per structure."),
     seed: int = typer.Option(0, "--seed"),
@@ -286,7 +280,7 @@ def train_sentinel_cmd(
     from .train.sentinel_train import TrainOptions, train
 
     data_dir = out / "data"
-    config = SentinelConfig(backbone=backbone, widen=widen, size=size)
+    config = SentinelConfig(backbone=backbone, widen=widen, size=size, context_mm=context_mm)
     train_set = sample_set(data_dir, "train", config, per_band, algorithmic, log=console.print)
     val_set = sample_set(data_dir, "val", config, per_band, algorithmic, log=console.print)
     if text_encoder == "onehot":
@@ -298,7 +292,8 @@ def train_sentinel_cmd(
     best = train(out, train_set, val_set, config, options, encoder, log=console.print)
     results = evaluate_model(best, data_dir, log=console.print)
     console.print(format_report(results))
-    extra = {"description": f"Quality Sentinel ({backbone} x{widen}, {size}px, {encoder.name} text) on brain MRI",
+    extra = {"description": f"Quality Sentinel ({backbone} x{widen}, {size}px, context {context_mm:g} mm, "
+                            f"{encoder.name} text) on brain MRI",
              "priority": 10, "data": {"train": len(split_structures("train")), "train_slices": int(len(train_set.x))},
              "options": options.__dict__}
     card = write_card(best, out / name, name, results, extra)

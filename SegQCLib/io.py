@@ -336,7 +336,9 @@ def _shift_layers(seg: Segmentation, grid: Grid, offset: np.ndarray) -> Segmenta
 
 
 # --------------------------------------------------------------------------- writing
-def _check_output(path: Path, inputs: Iterable[str | Path] = ()) -> None:
+def check_output_path(path: str | Path, inputs: Iterable[str | Path] = ()) -> None:
+    """Raise :class:`InputError` when ``path`` would overwrite one of ``inputs`` or its folder is missing."""
+    path = Path(path)
     for source in inputs:
         if source and Path(source).exists() and path.exists() and path.resolve() == Path(source).resolve():
             raise InputError(path, "output would overwrite an input file; choose another output path")
@@ -369,7 +371,7 @@ def _to_sitk(array: np.ndarray, grid: Grid, is_vector: bool = False) -> sitk.Ima
 def write_volume(volume: Volume, path: str | Path, inputs: Iterable[str | Path] = ()) -> Path:
     """Write a Volume as NIfTI/NRRD/MHA (by suffix), atomically; refuses to overwrite ``inputs``."""
     path = Path(path)
-    _check_output(path, inputs)
+    check_output_path(path, inputs)
     array = volume.array.astype(np.uint8) if volume.array.dtype == bool else volume.array
     _atomic_write(_to_sitk(array, volume.grid), path)
     return path
@@ -389,7 +391,7 @@ def write_segmentation(seg: Segmentation, path: str | Path, inputs: Iterable[str
     sidecar ``.txt`` label table.
     """
     path = Path(path)
-    _check_output(path, inputs)
+    check_output_path(path, inputs)
     if not path.name.lower().endswith(".seg.nrrd"):
         _atomic_write(_to_sitk(seg.labelmap.astype(np.uint16 if seg.labelmap.max(initial=0) > 255 else np.uint8),
                                seg.grid), path)

@@ -101,6 +101,9 @@ def test_map_at_k_and_agreement() -> None:
     assert average_precision_at_k(np.array([0.1, 0.2, 0.9, 0.8, 0.7]), true, 2) == 1.0
     assert average_precision_at_k(np.array([0.9, 0.8, 0.1, 0.2, 0.7]), true, 2) == 0.0
     assert average_precision_at_k(np.array([0.1, 0.9, 0.2, 0.8, 0.7]), true, 2) == pytest.approx(0.5)
+    tied = np.array([0.0, 0.0, 0.0, 0.5, 0.9])  # any of the three zeros is a hit, whatever their order
+    assert average_precision_at_k(np.array([0.9, 0.5, 0.1, 0.0, 0.2]), tied, 2) == pytest.approx(0.5 * (0 + 1 / 2))
+    assert average_precision_at_k(np.array([0.3, 0.9, 0.1, 0.8, 0.7]), tied, 2) == 1.0
     report = agreement(true * 0.5, true)
     assert report["lcc"] == pytest.approx(1.0) and report["srocc"] == pytest.approx(1.0)
     assert report["mae"] == pytest.approx(np.mean(true * 0.5))
@@ -114,6 +117,20 @@ def test_slice_boxes_are_square_around_the_mask_with_margin() -> None:
     assert (x2 - x1) == (y2 - y1) == 30  # 20 rows + 2 * 5
     assert ((x1 + x2) / 2, (y1 + y2) / 2) == (45.0, 20.0)
     assert tuple(boxes[1]) == (0.0, -10.0, 120.0, 110.0)  # empty slice: whole slice, squared
+
+
+def test_context_view_keeps_physical_scale() -> None:
+    mask = np.zeros((1, 200, 200), bool)
+    mask[0, 90:110, 95:105] = True
+    image = np.zeros((1, 200, 200), np.float32)
+    config = SentinelConfig(size=32, margin_px=0, context_mm=100.0)
+    fine = slice_inputs(image, mask, [0], config, spacing_yx=(1.0, 1.0))
+    coarse = slice_inputs(image, mask, [0], config, spacing_yx=(2.0, 2.0))
+    assert fine.shape == (1, 4, 32, 32)
+    # the same 20 x 10 pixel mask is 20 x 10 mm at 1 mm and 40 x 20 mm at 2 mm: 4x the area in view
+    assert float(coarse[0, 3].sum()) == pytest.approx(4 * float(fine[0, 3].sum()), rel=0.15)
+    # while the mask-sized crop does not see the difference
+    np.testing.assert_allclose(coarse[0, :2].numpy(), fine[0, :2].numpy())
 
 
 def test_slice_inputs_resize_crop_to_model_size() -> None:

@@ -39,6 +39,10 @@ class SentinelConfig:
         input-grid pixels, before resizing. modality: "MR" (per-volume percentile scaling) or "CT"
         (HU clipped to ``ct_window``).
     text_encoder: spec of the name encoder (see ``encoders.text_encoder_from_spec``), text_dim its size.
+    context_mm: side in mm of a second, fixed-size view centred on the mask (image + mask, two more
+        channels) that keeps absolute scale and surroundings, which the mask-sized crop loses (an
+        eroded mask, resized to fill the crop, looks like a smaller correct one). 0 = the papers'
+        two channels only.
     """
 
     backbone: str = "resnet18"
@@ -51,6 +55,11 @@ class SentinelConfig:
     modality: str = "MR"
     ct_window: tuple[float, float] = (-200.0, 200.0)
     volume_slices: int = 10
+    context_mm: float = 0.0
+
+    @property
+    def in_channels(self) -> int:
+        return 4 if self.context_mm > 0 else 2
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -68,26 +77,26 @@ _DEPTHS = {"resnet10": ("basic", [1, 1, 1, 1]), "resnet18": ("basic", [2, 2, 2, 
            "resnet34": ("basic", [3, 4, 6, 3]), "resnet50": ("bottleneck", [3, 4, 6, 3])}
 
 
-def _encoder(backbone: str, widen: float) -> tuple[nn.Module, int]:
-    """A 2D MONAI ResNet with a biased 2-channel 7x7/2 stem (torchvision layout); returns it and its feature size."""
+def _encoder(backbone: str, widen: float, in_channels: int = 2) -> tuple[nn.Module, int]:
+    """A 2D MONAI ResNet with a biased 7x7/2 stem (torchvision layout); returns it and its feature size."""
     from monai.networks.nets import ResNet
 
     if backbone not in _DEPTHS:
         raise InputError(backbone, f"unknown backbone (choose {', '.join(_DEPTHS)})")
     block, layers = _DEPTHS[backbone]
-    net = ResNet(block, layers, [64, 128, 256, 512], spatial_dims=2, n_input_channels=2, conv1_t_size=7,
+    net = ResNet(block, layers, [64, 128, 256, 512], spatial_dims=2, n_input_channels=in_channels, conv1_t_size=7,
                  conv1_t_stride=2, feed_forward=False, bias_downsample=False, widen_factor=widen)
-    net.conv1 = nn.Conv2d(2, net.conv1.out_channels, kernel_size=7, stride=2, padding=3, bias=True)
+    net.conv1 = nn.Conv2d(in_channels, net.conv1.out_channels, kernel_size=7, stride=2, padding=3, bias=True)
     expansion = 4 if block == "bottleneck" else 1
     return net, int(512 * widen) * expansion
 
 
 class SentinelNet(nn.Module):
-    """(n, 2, size, size) slices + (n, text_dim) name embeddings -> (n,) predicted DSC (unclamped)."""
+    """(n, C, size, size) slices + (n, text_dim) name embeddings -> (n,) predicted DSC (unclamped)."""
 
     def __init__(self, config: SentinelConfig):
         super().__init__()
-        self.encoder, feat = _encoder(config.backbone, config.widen)
+        self.encoder, feat = _encoder(config.backbone, config.widen, config.in_channels)
         self.w1 = nn.Linear(feat + config.text_dim, feat)
         self.w2 = nn.Linear(feat + config.text_dim, config.hidden)
         self.g1 = nn.Linear(feat, config.hidden)
@@ -134,23 +143,38 @@ def slice_boxes(mask: np.ndarray, indices: np.ndarray, margin_px: int) -> np.nda
     return boxes
 
 
-def slice_inputs(image01: np.ndarray, mask: np.ndarray, indices, config: SentinelConfig) -> torch.Tensor:
-    """Model inputs (k, 2, size, size) float32 for axial slices ``indices``.
+def context_boxes(mask: np.ndarray, indices: np.ndarray, side_mm: float, spacing_yx: tuple[float, float]) -> np.ndarray:
+    """Fixed-size boxes (k, 4) as (x1, y1, x2, y2) pixels, ``side_mm`` wide in both directions,
+    centred on the mask's in-plane box (the slice centre for a slice without mask)."""
+    tight = slice_boxes(mask, indices, margin_px=0)
+    centre_x, centre_y = (tight[:, 0] + tight[:, 2]) / 2.0, (tight[:, 1] + tight[:, 3]) / 2.0
+    half_x, half_y = side_mm / spacing_yx[1] / 2.0, side_mm / spacing_yx[0] / 2.0
+    return np.stack([centre_x - half_x, centre_y - half_y, centre_x + half_x, centre_y + half_y], 1).astype(np.float32)
+
+
+def slice_inputs(image01: np.ndarray, mask: np.ndarray, indices, config: SentinelConfig,
+                 spacing_yx: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
+    """Model inputs (k, C, size, size) float32 for axial slices ``indices``.
 
     image01: (z, y, x) intensities already in [0, 1] (:func:`normalise_image`); mask (z, y, x) bool,
-    both in RAS array order. Crop + resize is torchvision's ``roi_align`` (bilinear, averaging
-    ``ceil(box/size)`` samples per output pixel, so large boxes are anti-aliased); outside the image
-    reads as 0.
+    both in RAS array order; spacing_yx: in-plane spacing in mm. Channels: image and mask cropped
+    around the mask (:func:`slice_boxes`), then, with ``config.context_mm``, image and mask in the
+    fixed-size context view (:func:`context_boxes`). Crop + resize is torchvision's ``roi_align``
+    (bilinear, averaging ``ceil(box/size)`` samples per output pixel, so large boxes are
+    anti-aliased); outside the image reads as 0.
     """
     from torchvision.ops import roi_align
 
     indices = np.asarray(indices, dtype=int)
     if indices.size == 0:
-        return torch.zeros((0, 2, config.size, config.size))
+        return torch.zeros((0, config.in_channels, config.size, config.size))
     planes = torch.from_numpy(np.stack([image01[indices], mask[indices].astype(np.float32)], axis=1))
-    boxes = torch.from_numpy(slice_boxes(mask, indices, config.margin_px))
-    rois = torch.cat([torch.arange(len(indices), dtype=torch.float32)[:, None], boxes], dim=1)
-    return roi_align(planes, rois, output_size=config.size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+    batch = torch.arange(len(indices), dtype=torch.float32)[:, None]
+    views = [slice_boxes(mask, indices, config.margin_px)]
+    if config.context_mm > 0:
+        views.append(context_boxes(mask, indices, config.context_mm, spacing_yx))
+    return torch.cat([roi_align(planes, torch.cat([batch, torch.from_numpy(boxes)], dim=1), output_size=config.size,
+                                spatial_scale=1.0, sampling_ratio=-1, aligned=True) for boxes in views], dim=1)
 
 
 def area_weighted_mean(scores: np.ndarray, areas: np.ndarray) -> float:
@@ -211,11 +235,12 @@ class SentinelQC:
         axes, flips = ras_axes(image.grid.direction)
         image_ras = normalise_image(np.ascontiguousarray(to_ras(image.array, axes, flips)), self.config)
         mask_ras = np.ascontiguousarray(to_ras(np.asarray(mask, bool), axes, flips))
+        spacing_yx = (image.grid.spacing[axes[1]], image.grid.spacing[axes[2]])
         volume_idx = evenly_spaced_slices(mask_ras, self.config.volume_slices)
         table_idx = foreground_slices(mask_ras) if all_slices else volume_idx
         table_idx = table_idx or volume_idx
         wanted = sorted(set(volume_idx) | set(table_idx))
-        scores = dict(zip(wanted, self.predict(slice_inputs(image_ras, mask_ras, wanted, self.config),
+        scores = dict(zip(wanted, self.predict(slice_inputs(image_ras, mask_ras, wanted, self.config, spacing_yx),
                                                [label] * len(wanted))))
         areas = mask_ras.sum(axis=(1, 2))
         volume_dsc = area_weighted_mean([scores[k] for k in volume_idx], areas[volume_idx])
@@ -260,6 +285,7 @@ def load_model(card_path: str | Path, device: str = "cpu") -> SentinelQC:
         state = load_file(str(weights))
     except Exception as err:  # safetensors raises its own error types for corrupt files
         raise InputError(weights, f"cannot read weights ({err})") from None
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}  # shipped as float16
     missing, unexpected = net.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise InputError(weights, f"weights do not fit the card's architecture (missing {missing[:3]}, "

@@ -1,7 +1,7 @@
 """Agreement between predicted and true quality scores: LCC, SROCC, MAE, MAP@k (Quality Sentinel).
 
 MAP@k (Sentinel paper, "Ablation Study"): for each class, the k samples with the lowest TRUE DSC are
-the relevant ones; samples are ranked by PREDICTED DSC, lowest first, and AP@k is the average
+the relevant ones (with ties at the k-th value, all tied samples); samples are ranked by PREDICTED DSC, lowest first, and AP@k is the average
 precision over the first k of that ranking, AP@k = (1/k) sum_{i<=k} P@i * rel_i, where rel_i = 1 when
 the i-th ranked sample is relevant and P@i is the share of relevant samples among the first i.
 MAP@k is the mean AP@k over classes with more than k samples.
@@ -15,8 +15,13 @@ from scipy import stats
 
 
 def average_precision_at_k(pred: np.ndarray, true: np.ndarray, k: int) -> float:
-    """AP@k of finding the k lowest-true samples by ranking on the prediction (both (n,))."""
-    relevant = set(np.argsort(true, kind="stable")[:k].tolist())
+    """AP@k of finding the k lowest-true samples by ranking on the prediction (both (n,)).
+
+    Ties: every sample whose true value is not above the k-th lowest counts as relevant, so the
+    result does not depend on the storage order of equal truths (many masks have DSC exactly 0).
+    """
+    kth = np.sort(true)[min(k, len(true)) - 1]
+    relevant = set(np.flatnonzero(true <= kth).tolist())
     ranked = np.argsort(pred, kind="stable")[:k]
     hits, total = 0, 0.0
     for i, idx in enumerate(ranked, start=1):

@@ -16,7 +16,7 @@ SPLIT_SEEDS = {"train": 0, "val": 1, "test-structures": 2, "test-subject": 3}
 def sample_set(data_dir: Path, split: str, config: SentinelConfig, per_band: int = 3, algorithmic: int = 4,
                progress: bool = True, log=print) -> SampleSet:
     """The samples of ``split`` for ``config``'s input geometry, built once and cached in ``data_dir``."""
-    tag = f"{split}-s{config.size}-m{config.margin_px}-b{per_band}-a{algorithmic}"
+    tag = f"{split}-s{config.size}-m{config.margin_px}-c{config.context_mm:g}-b{per_band}-a{algorithmic}"
     path = data_dir / f"{tag}.npz"
     if path.exists():
         return SampleSet.load(path)
@@ -51,11 +51,11 @@ def evaluate_model(card_or_model, data_dir: Path, splits=EVAL_SPLITS, device: st
 
 def format_report(results: dict[str, Any]) -> str:
     """A plain-text table of LCC / SROCC / MAE / MAP@5 / MAP@10 per split and level."""
-    lines = [f"{'split':<18}{'level':<8}{'n':>6}{'LCC':>8}{'SROCC':>8}{'MAE':>8}{'MAP@5':>8}{'MAP@10':>8}"]
+    lines = [f"{'split':<18}{'level':<13}{'n':>6}{'LCC':>8}{'SROCC':>8}{'MAE':>8}{'MAP@5':>8}{'MAP@10':>8}"]
     for split, report in results.items():
-        for level in ("volume", "slice"):
+        for level in ("volume", "volume_bands", "slice"):
             r = report[level]
-            lines.append(f"{split:<18}{level:<8}{r['n']:>6}{r['lcc']:>8.3f}{r['srocc']:>8.3f}{r['mae']:>8.3f}"
+            lines.append(f"{split:<18}{level:<13}{r['n']:>6}{r['lcc']:>8.3f}{r['srocc']:>8.3f}{r['mae']:>8.3f}"
                          f"{r.get('map@5', float('nan')):>8.3f}{r.get('map@10', float('nan')):>8.3f}")
         kinds = ", ".join(f"{k}: pred {v['mean_pred']:.2f} / true {v['mean_true']:.2f} (max pred {v['max_pred']:.2f})"
                           for k, v in report["by_kind"].items())
@@ -64,13 +64,15 @@ def format_report(results: dict[str, Any]) -> str:
 
 
 def write_card(best_json: Path, out: Path, name: str, results: dict[str, Any], extra: dict[str, Any]) -> Path:
-    """Copy the best weights to ``out`` (stem) with a model card holding the measured numbers."""
-    import shutil
+    """Write the best weights (float16) to ``out`` (stem) with a model card holding the measured numbers."""
+    from safetensors.torch import load_file, save_file
 
     card = json.loads(best_json.read_text())
     weights = best_json.parent / card["weights"]
     out.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(weights, out.with_suffix(".safetensors"))
+    # shipped as float16 (half the size; loading casts back to float32)
+    state = {k: v.half() if v.is_floating_point() else v for k, v in load_file(str(weights)).items()}
+    save_file(state, str(out.with_suffix(".safetensors")))
     card.update(extra)
     card.update({"name": name, "weights": out.with_suffix(".safetensors").name, "metrics": results})
     out.with_suffix(".json").write_text(json.dumps(card, indent=2))

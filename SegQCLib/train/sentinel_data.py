@@ -39,7 +39,7 @@ KINDS = ("degraded", "good", "empty", "wrong", "algorithmic")
 class SampleSet:
     """Slices ready for the network plus what is true about them.
 
-    x: (N, 2, S, S) uint8 (image and mask scaled to 0..255); name: (N,) index into ``names``;
+    x: (N, C, S, S) uint8 (image and mask channels scaled to 0..255); name: (N,) index into ``names``;
     dsc: (N,) true 2D DSC; area: (N,) mask pixels on the slice; volume: (N,) sample-volume id;
     in_volume: (N,) bool, one of the 10 volume slices. Per volume v: volume_dsc[v] (true 3D DSC),
     volume_name[v], volume_kind[v] (index into KINDS), volume_subject[v].
@@ -142,12 +142,13 @@ def _masks_for(subject: LabelledSubject, structure: str, others: list[str], rng:
             for _ in range(per_band):
                 yield "degraded", degrade_to_band(truth.astype(np.uint8), band, rng=rng)[0] > 0
     if "good" in kinds:
-        for _ in range(max(1, per_band // 2)):
+        for _ in range(per_band):
             yield "good", _good_mask(truth, rng)
     if "empty" in kinds:
         yield "empty", np.zeros_like(truth)
     if "wrong" in kinds and others:
-        yield "wrong", subject.segmentation.mask(others[int(rng.integers(len(others)))])
+        for other in rng.choice(len(others), size=min(per_band, len(others)), replace=False):
+            yield "wrong", subject.segmentation.mask(others[int(other)])
     if "algorithmic" in kinds and algorithmic:
         try:
             from ..data.algorithmic import algorithmic_segmentations
@@ -181,8 +182,10 @@ def build_samples(split: str, config: SentinelConfig, seed: int = 0, per_band: i
             key = id(subject.image)
             if key not in image_cache:
                 axes, flips = ras_axes(subject.image.grid.direction)
-                image_cache[key] = (axes, flips, normalise_image(to_ras(subject.image.array, axes, flips), config))
-            axes, flips, image01 = image_cache[key]
+                spacing_yx = (subject.image.grid.spacing[axes[1]], subject.image.grid.spacing[axes[2]])
+                image_cache[key] = (axes, flips, spacing_yx,
+                                    normalise_image(to_ras(subject.image.array, axes, flips), config))
+            axes, flips, spacing_yx, image01 = image_cache[key]
             truth = np.ascontiguousarray(to_ras(subject.segmentation.mask(structure), axes, flips))
             shown = display_name(subject.source, structure)
             if shown not in names:
@@ -204,7 +207,7 @@ def build_samples(split: str, config: SentinelConfig, seed: int = 0, per_band: i
                         keep = list(k_list)  # the volume score uses these slices whatever they hold
                     if not keep:
                         continue
-                    xs.append((slice_inputs(image01, mask, keep, config).numpy() * 255).round().astype(np.uint8))
+                    xs.append((slice_inputs(image01, mask, keep, config, spacing_yx).numpy() * 255).round().astype(np.uint8))
                     for k in keep:
                         name_idx.append(names.index(shown))
                         dscs.append(dice(mask[k], truth[k]) if (mask[k].any() or truth[k].any()) else np.nan)

@@ -102,6 +102,8 @@ def evaluate_predictions(samples: SampleSet, pred: np.ndarray) -> dict[str, Any]
         sel = (samples.volume == v) & samples.in_volume
         vol_pred[v] = area_weighted_mean(pred[sel], samples.area[sel])
     report["volume"] = agreement(vol_pred, samples.volume_dsc, names[samples.volume_name])
+    bands = samples.volume_kind == KINDS.index("degraded")  # the five nnQC DSC bands
+    report["volume_bands"] = agreement(vol_pred[bands], samples.volume_dsc[bands], names[samples.volume_name[bands]])
     report["by_kind"] = {}
     for k, kind in enumerate(KINDS):
         sel = samples.volume_kind == k
