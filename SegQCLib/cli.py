@@ -275,8 +275,7 @@ def train_sentinel_cmd(
     """Train Quality Sentinel on the real MRI of DATA.md (resumes from OUT/checkpoint.pt)."""
     from .models.encoders import OneHotTextEncoder, text_encoder_from_spec
     from .models.sentinel import SentinelConfig
-    from .train.sentinel_cli import evaluate_model, format_report, sample_set, write_card
-    from .train.sentinel_data import SampleSet, split_structures
+    from .train.sentinel_cli import card_extra, evaluate_model, format_report, sample_set, write_card
     from .train.sentinel_train import TrainOptions, train
 
     data_dir = out / "data"
@@ -292,10 +291,7 @@ def train_sentinel_cmd(
     best = train(out, train_set, val_set, config, options, encoder, log=console.print)
     results = evaluate_model(best, data_dir, log=console.print)
     console.print(format_report(results))
-    extra = {"description": f"Quality Sentinel ({backbone} x{widen}, {size}px, context {context_mm:g} mm, "
-                            f"{encoder.name} text) on brain MRI",
-             "priority": 10, "data": {"train": len(split_structures("train")), "train_slices": int(len(train_set.x))},
-             "options": options.__dict__}
+    extra = card_extra(config, options, train_set, val_set)
     card = write_card(best, out / name, name, results, extra)
     console.print(f"model card: {card}")
     if install:

@@ -85,7 +85,16 @@ def test_degrade_hits_the_band_and_is_reproducible(files, tmp_path: Path) -> Non
     assert 0.25 <= dice(da.mask("Hippocampus_L"), ref) < 0.5
 
 
-def test_qc_without_an_installed_model_says_so(files, tmp_path: Path, capsys) -> None:
+@pytest.fixture
+def no_models(monkeypatch):
+    """A SegQC with no QC model installed."""
+    import SegQCLib.qc as qc
+
+    monkeypatch.setattr(qc, "_REGISTRY", {})
+    monkeypatch.setattr(qc, "_discovered", True)
+
+
+def test_qc_without_an_installed_model_says_so(no_models, files, tmp_path: Path, capsys) -> None:
     out = tmp_path / "qc.json"
     rc = run_cli("qc", files["image"], files["ref"], "--label", "Hippocampus_L", "--json", out)
     assert rc == 2
@@ -94,11 +103,35 @@ def test_qc_without_an_installed_model_says_so(files, tmp_path: Path, capsys) ->
     assert not out.exists()
 
 
-def test_demo_shows_truth_when_no_model(capsys) -> None:
+def test_demo_shows_truth_when_no_model(no_models, capsys) -> None:
     assert run_cli("demo", "--dsc-band", "0.5", "0.75") == 0
     text = capsys.readouterr().out
     assert "Hippocampus_L" in text and "No QC model is installed yet" in text
     assert "volume: dsc=0.5" in text or "volume: dsc=0.6" in text or "volume: dsc=0.7" in text
+
+
+SHIPPED = Path(__file__).resolve().parents[1] / "Resources" / "Models" / "sentinel-brain-mr.json"
+
+
+@pytest.mark.skipif(not SHIPPED.exists(), reason="no shipped Sentinel model")
+def test_qc_with_the_shipped_model_writes_the_json_contract(files, tmp_path: Path) -> None:
+    out = tmp_path / "qc.json"
+    assert run_cli("qc", files["image"], files["pred"], "--label", "Hippocampus_R", "--model",
+                   "sentinel-brain-mr", "--device", "cpu", "--json", out) == 0
+    data = json.loads(out.read_text())
+    assert data["model"] == "sentinel-brain-mr" and data["label"] == "Hippocampus_R"
+    assert 0.0 <= data["volume"]["dsc"] <= 1.0 and data["runtime_s"] > 0
+    mask = read_segmentation(files["pred"]).mask("Hippocampus_R")
+    assert [row["index"] for row in data["slices"]] == list(np.flatnonzero(mask.any(axis=(1, 2))))
+    assert all(row["flagged"] == (row["dsc"] < 0.8) for row in data["slices"])
+    assert run_cli("qc", files["image"], files["pred"], "--label", "Hippocampus_R", "--pgt", tmp_path / "p.nii.gz") == 2
+
+
+@pytest.mark.skipif(not SHIPPED.exists(), reason="no shipped Sentinel model")
+def test_demo_uses_the_installed_model_with_truth_beside(capsys) -> None:
+    assert run_cli("demo", "--device", "cpu") == 0
+    text = capsys.readouterr().out
+    assert "sentinel-brain-mr" in text and "pred dsc" in text and "true dsc" in text and "truth:" in text
 
 
 def test_console_script_exit_code(files, tmp_path: Path) -> None:

@@ -67,11 +67,13 @@ def bin_weights(dsc: np.ndarray, bins: int) -> np.ndarray:
 
 
 def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Left-right flips and a random gamma of the image channel (x: (b, 2, s, s) in [0, 1])."""
+    """Left-right flips and a random gamma of the image channels (x: (b, C, s, s) in [0, 1]; even
+    channels are images, odd ones masks)."""
     flip = torch.rand(x.shape[0], generator=generator) < 0.5
     x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-    gamma = torch.exp(torch.randn(x.shape[0], generator=generator) * 0.15)[:, None, None]
-    return torch.stack([x[:, 0].clamp_min(0) ** gamma, x[:, 1]], dim=1)
+    gamma = torch.exp(torch.randn(x.shape[0], generator=generator) * 0.15)[:, None, None, None]
+    is_image = (torch.arange(x.shape[1]) % 2 == 0)[None, :, None, None]
+    return torch.where(is_image, x.clamp_min(0) ** gamma, x)
 
 
 @torch.no_grad()
