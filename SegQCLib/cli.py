@@ -295,8 +295,6 @@ def train_sentinel_cmd(
     card = write_card(best, out / name, name, results, extra)
     console.print(f"model card: {card}")
     if install:
-        from .models import model_dirs
-
         shipped = Path(__file__).resolve().parents[1] / "Resources" / "Models"
         console.print(f"installed: {write_card(best, shipped / name, name, results, extra)}")
 
