@@ -8,13 +8,12 @@ once: module fixtures hold its result and the module's own transform cache serve
 """
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pytest
 
 from SegQCLib.data import available_sources, colin27, mni152
-from SegQCLib.data.algorithmic import (algorithmic_segmentations, region_growing_segmentation,
+from SegQCLib.data.algorithmic import (_cached_transform, algorithmic_segmentations, region_growing_segmentation,
                                        registration_segmentation, registration_transform, threshold_segmentation)
 from SegQCLib.metrics import dice
 
@@ -44,10 +43,8 @@ def mni_brain():
 
 @pytest.fixture(scope="module")
 def mni_to_colin(mni_brain, colin_brain):
-    """MNI152's brain mask registered (affine) onto Colin27, and the seconds the registration took."""
-    start = time.perf_counter()
-    mask = registration_segmentation(mni_brain, colin_brain, "Brain", np.random.default_rng(0), kind="affine")
-    return mask, time.perf_counter() - start
+    """MNI152's brain mask registered (affine) onto Colin27 (speed: not a unit test's business)."""
+    return registration_segmentation(mni_brain, colin_brain, "Brain", np.random.default_rng(0), kind="affine")
 
 
 # --------------------------------------------------------------------------- threshold, region growing
@@ -117,18 +114,17 @@ def test_global_random_state_is_untouched(aal):
 # --------------------------------------------------------------------------- registration
 @needs_both
 def test_registration_mni152_brain_onto_colin27(mni_to_colin, colin_brain):
-    mask, seconds = mni_to_colin
+    mask = mni_to_colin
     assert mask.dtype == bool and mask.shape == colin_brain.image.shape
     assert dice(mask, colin_brain.segmentation.mask("Brain")) > 0.85  # measured 0.93
-    assert seconds < 60
 
 
 @needs_both
 def test_registration_is_cached_and_seeded(mni_to_colin, mni_brain, colin_brain):
-    mask, _ = mni_to_colin
-    start = time.perf_counter()
+    mask = mni_to_colin
+    hits = _cached_transform.cache_info().hits
     again = registration_segmentation(mni_brain, colin_brain, "Brain", np.random.default_rng(7), kind="affine")
-    assert time.perf_counter() - start < 2.0  # the transform came from the cache
+    assert _cached_transform.cache_info().hits > hits  # the transform came from the cache
     np.testing.assert_array_equal(mask, again)
     assert registration_transform(mni_brain, colin_brain, "affine") is registration_transform(
         mni_brain, colin_brain, "affine")
@@ -166,7 +162,7 @@ def test_algorithmic_segmentations_of_a_nucleus(aal):
 
 @needs_both
 def test_algorithmic_segmentations_by_registration(mni_to_colin, colin_brain, mni_brain):
-    mask, _ = mni_to_colin
+    mask = mni_to_colin
     (name, found, score), = algorithmic_segmentations(
         colin_brain, "Brain", np.random.default_rng(0), 1, methods=("registration",), atlases=[mni_brain],
         registration_kinds=("affine",), registration_variants=1)
