@@ -113,9 +113,12 @@ class SentinelNet(nn.Module):
 def normalise_image(array: np.ndarray, config: SentinelConfig) -> np.ndarray:
     """Intensities to [0, 1]: CT clipped to ``config.ct_window`` (HU); MR and others scaled by the
     volume's own [p0.5, p99.5] of nonzero voxels. float32, same shape."""
+    from ..fingerprint import ct_window
+
     array = np.asarray(array, dtype=np.float32)
     if config.modality.upper() == "CT":
         lo, hi = config.ct_window
+        return ct_window(array, (lo + hi) / 2.0, hi - lo)
     else:
         values = array[array != 0]
         values = values if values.size else array.ravel()

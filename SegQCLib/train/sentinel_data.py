@@ -201,10 +201,8 @@ def build_samples(split: str, config: SentinelConfig, seed: int = 0, per_band: i
                 chosen = evenly_spaced_slices(mask, config.volume_slices)
                 pool = sorted(set(foreground_slices(mask | truth)) - set(chosen))
                 extra = list(rng.choice(pool, size=min(extra_slices, len(pool)), replace=False)) if pool else []
-                for k_list, flag in ((chosen, True), (extra, False)):
-                    keep = [k for k in k_list if mask[k].any() or truth[k].any()]
-                    if flag:
-                        keep = list(k_list)  # the volume score uses these slices whatever they hold
+                # the volume slices are kept whatever they hold; the extra ones hold mask or truth by construction
+                for keep, flag in ((list(chosen), True), (extra, False)):
                     if not keep:
                         continue
                     xs.append((slice_inputs(image01, mask, keep, config, spacing_yx).numpy() * 255).round().astype(np.uint8))
