@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, List, Optional
 
@@ -29,17 +27,10 @@ console = Console()
 # --------------------------------------------------------------------------- helpers
 def write_json(data: dict[str, Any], path: Path, inputs: tuple[str | Path, ...] = ()) -> None:
     """Write ``data`` as JSON atomically (temp file + rename); never over an input file."""
-    path = Path(path)
-    _check_new_output(path, inputs)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from .io import write_bytes_atomic
+
+    _check_new_output(Path(path), inputs)
+    write_bytes_atomic(path, json.dumps(data, indent=2))
 
 
 def _check_new_output(path: Optional[Path], inputs: tuple[str | Path, ...]) -> None:
@@ -248,6 +239,57 @@ def demo_cmd(
         return
     result = load_model(model_name, resolve_device(device)).assess(subject.image, degraded, segment.name)
     print_result(result, truth)
+
+
+@app.command("batch")
+def batch_cmd(
+    source: Path = typer.Argument(..., help="MSD / nnU-Net folder (dataset.json), CSV of pairs, or Slicer .mrb scene."),
+    model: Optional[str] = typer.Option(None, "--model", help="QC model (see `segqc models`); default: best installed."),
+    out: Path = typer.Option(..., "--out", help="Output folder: results.csv (resumable journal), report.html, pGTs."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Dask LocalCluster workers (default: core count; 0: no Dask)."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Address of an existing Dask scheduler (tcp://host:8786)."),
+    memory_limit: str = typer.Option("auto", "--memory-limit", help="Memory limit per local worker, e.g. 4GB (auto: RAM / workers)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N cases."),
+    structures: Optional[str] = typer.Option(None, "--structures", help="Comma-separated structure names or label values."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (for the workers)."),
+    threshold: float = typer.Option(DEFAULT_FLAG_THRESHOLD, "--threshold", help="Flag slices and cases below this pseudo-DSC."),
+    retry_errors: bool = typer.Option(False, "--retry-errors", help="Run again the cases that failed in an earlier run."),
+    report: bool = typer.Option(True, "--report/--no-report", help="Write report.html and its tables at the end."),
+    worst_n: int = typer.Option(12, "--worst-n", help="Worst cases shown with thumbnails."),
+    top_n: int = typer.Option(20, "--top-n", help="Length of the active-learning and self-training lists."),
+) -> None:
+    """QC every case and structure of a dataset; resumable (a rerun skips finished cases), local or on Dask."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from .batch import RESULTS_FILE, read_results, run_batch
+    from .qc import default_model_name
+
+    model_name = model or default_model_name()
+    if model_name is None:
+        raise InputError("--model", "no QC model is installed yet (`segqc models` lists them)")
+    wanted = [s.strip() for s in structures.split(",") if s.strip()] if structures else None
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("ETA"), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task("starting", total=None)
+
+        def progress(done: int, total: int, case_id: str) -> None:
+            bar.update(task, total=total, completed=done, description=f"QC {case_id}")
+
+        summary = run_batch(source, model_name, out, device=device, threshold=threshold, structures=wanted,
+                            limit=limit, workers=workers, scheduler=scheduler, memory_limit=memory_limit,
+                            retry_errors=retry_errors, progress=progress)
+    console.print(f"{summary.done} case(s) scored now, {summary.skipped} already finished, {summary.errors} with errors; "
+                  f"{summary.seconds:.1f} s on {summary.workers or 'no'} Dask worker(s) -> {out / RESULTS_FILE}")
+    if summary.interrupted:
+        console.print("[yellow]interrupted: every finished case is saved; run the same command again to resume[/yellow]")
+        raise typer.Exit(130)
+    table = read_results(out / RESULTS_FILE)
+    if report and len(table):
+        from .report import write_report
+
+        html = write_report(table, out, threshold=threshold, worst_n=worst_n, top_n=top_n)
+        console.print(f"report: {html}")
 
 
 train_app = typer.Typer(no_args_is_help=True, help="Train a QC model on labelled data.")

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+import secrets
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -346,18 +347,47 @@ def check_output_path(path: str | Path, inputs: Iterable[str | Path] = ()) -> No
         raise InputError(path, f"output folder {path.parent} does not exist")
 
 
+@contextmanager
+def atomic_output(path: str | Path, suffix: str = "") -> Iterator[Path]:
+    """A temporary path beside ``path``, renamed onto ``path`` when the block succeeds and removed
+    when it fails, so a reader never sees a half-written file. The file gets the usual permissions
+    (0666 less the umask), not the 0600 of :func:`tempfile.mkstemp`."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{suffix}"
+    try:
+        yield tmp
+        if tmp.exists():
+            os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        if tmp.exists():
+            tmp.unlink()
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_bytes_atomic(path: str | Path, data: str | bytes, fsync: bool = False) -> Path:
+    """Write ``data`` (text is UTF-8 encoded) to ``path`` atomically (see :func:`atomic_output`)."""
+    path = Path(path)
+    with atomic_output(path) as tmp:
+        with open(tmp, "wb") as handle:
+            handle.write(data.encode("utf-8") if isinstance(data, str) else data)
+            if fsync:
+                handle.flush()
+                os.fsync(handle.fileno())
+    return path
+
+
 def _atomic_write(image: sitk.Image, path: Path, compress: bool = True) -> None:
     """Write next to ``path`` then rename, so a failed write leaves nothing behind."""
     suffix = next((s for s in IMAGE_SUFFIXES if path.name.lower().endswith(s)), path.suffix)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        sitk.WriteImage(image, tmp, compress)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_output(path, suffix) as tmp:
+        sitk.WriteImage(image, str(tmp), compress)
 
 
 def _to_sitk(array: np.ndarray, grid: Grid, is_vector: bool = False) -> sitk.Image:

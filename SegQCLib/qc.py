@@ -82,8 +82,8 @@ class QCResult:
         return {
             "model": self.model,
             "label": self.label,
-            "volume": {k: _json_number(v) for k, v in self.volume.items()},
-            "slices": [{k: _json_number(v) for k, v in row.items()} for row in self.slices],
+            "volume": {k: json_value(v) for k, v in self.volume.items()},
+            "slices": [{k: json_value(v) for k, v in row.items()} for row in self.slices],
             "threshold": self.threshold,
             "flagged": self.flagged,
             "runtime_s": round(float(self.runtime_s), 4),
@@ -91,7 +91,15 @@ class QCResult:
         }
 
 
-def _json_number(value: Any) -> Any:
+def json_value(value: Any) -> Any:
+    """Plain Python for JSON: NumPy scalars unwrapped, non-finite floats and missing values -> None,
+    dicts and lists converted recursively."""
+    if isinstance(value, dict):
+        return {str(k): json_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_value(v) for v in value]
+    if value is None or type(value).__name__ == "NAType":  # pandas.NA, without importing pandas
+        return None
     if isinstance(value, (bool, np.bool_)):
         return bool(value)
     if isinstance(value, (int, np.integer)):

@@ -11,9 +11,8 @@ import pytest
 import SimpleITK as sitk
 
 from SegQCLib.cli import main
-from SegQCLib.io import Segmentation, read_segmentation, write_segmentation
+from SegQCLib.io import read_segmentation
 from SegQCLib.metrics import dice, volume_metrics
-from SegQCLib.volume import Grid
 
 TEMPLATES = Path("/usr/share/mricron/templates")
 pytestmark = pytest.mark.skipif(not (TEMPLATES / "aal.nii.gz").exists(), reason="apt-get install mricron-data")

@@ -13,7 +13,8 @@ Layouts understood:
   ``labels`` (value -> name, {"0": "background"}) and ``modality`` ({"0": "CT"}).
 - **CSV**: columns ``image`` and ``segmentation``; optional ``reference`` (a ground truth to compare
   with), ``case_id``, ``label`` (the structure to assess: value or name), ``label_table`` (a text
-  label table) and ``subject``. Relative paths are taken from the CSV's folder.
+  label table), ``subject`` and ``method`` (the segmentation method that made the mask, for model
+  ranking). Relative paths are taken from the CSV's folder.
 """
 from __future__ import annotations
 
@@ -41,7 +42,8 @@ class Case:
     ``reference`` is an optional ground-truth segmentation of the same image; ``label_table`` maps
     label values to names (from dataset.json or a CSV's ``label_table``); ``label`` is the structure
     to assess when the dataset names one (CSV ``label`` column); ``subject`` groups cases of one
-    patient (for subject-wise splits).
+    patient (for subject-wise splits); ``method`` names the segmentation method (model) that made
+    the segmentation, so that methods can be ranked by their QC scores.
     """
 
     case_id: str
@@ -51,6 +53,7 @@ class Case:
     label_table: dict[int, str] | None = None
     subject: str | None = None
     label: str | None = None
+    method: str | None = None
 
     def load(self) -> tuple[Volume, Segmentation]:
         """Read the image (float32 (z, y, x)) and the segmentation, aligned to the image grid.
@@ -264,8 +267,10 @@ def _csv_cases(path: Path) -> list[Case]:
         reference = _existing(_resolve(base, row["reference"]), where, "reference") if row.get("reference") else None
         table = read_label_table(_resolve(base, row["label_table"])) if row.get("label_table") else None
         case_id = row.get("case_id") or _strip_suffix(seg.name)
-        if case_id in seen:
+        method = row.get("method") or None
+        if (case_id, method) in seen:  # the same case segmented by several methods is not a duplicate
             case_id = f"{case_id}_{row_number}"
-        seen.add(case_id)
-        cases.append(Case(case_id, image, seg, reference, table, row.get("subject") or None, row.get("label") or None))
+        seen.add((case_id, method))
+        cases.append(Case(case_id, image, seg, reference, table, row.get("subject") or None, row.get("label") or None,
+                          method))
     return cases

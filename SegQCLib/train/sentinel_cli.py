@@ -33,7 +33,6 @@ def sample_set(data_dir: Path, split: str, config: SentinelConfig, per_band: int
 def evaluate_model(card_or_model, data_dir: Path, splits=EVAL_SPLITS, device: str = "cpu",
                    progress: bool = True, log=print) -> dict[str, Any]:
     """Evaluate a Sentinel model (card path or loaded SentinelQC) on held-out splits."""
-    import torch
 
     from .sentinel_train import evaluate_predictions, predict_set, text_table_for
 
