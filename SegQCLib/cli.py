@@ -380,7 +380,9 @@ def _root(version: bool = typer.Option(False, "--version", help="Print the versi
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the CLI; bad input -> one line on stderr and exit code 2."""
     try:
-        app(args=argv, prog_name="segqc", standalone_mode=False)
+        code = app(args=argv, prog_name="segqc", standalone_mode=False)
+        if isinstance(code, int) and code:  # typer.Exit(code) is returned, not raised, in this mode
+            return code
     except (InputError, DataSourceMissing) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

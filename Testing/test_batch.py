@@ -276,3 +276,24 @@ def test_cli_batch_bad_input_names_the_file(tmp_path, capsys):
     assert main(["batch", str(missing), "--model", MODEL, "--out", str(tmp_path / "qc"), "--workers", "0"]) == 2
     assert f"error: {missing}: no such file" in capsys.readouterr().err
     assert not (tmp_path / "qc").exists()
+
+
+def test_ctrl_c_stops_cleanly_and_the_rerun_resumes(dataset, tmp_path):
+    out = tmp_path / "out"
+    command = [str(SEGQC), "batch", str(dataset), "--model", MODEL, "--out", str(out), "--workers", "0", "--no-report"]
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for(lambda: _finished_cases(out / "results.csv") >= 1 or run.poll() is not None, 240, "a finished case")
+        assert run.poll() is None, "the run finished before Ctrl-C could be sent"
+        run.send_signal(signal.SIGINT)
+        output, _ = run.communicate(timeout=60)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 130, output
+    assert "interrupted" in output and "Traceback" not in output
+    done = _finished_cases(out / "results.csv")
+    assert 1 <= done < 6
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0 and f"{done} already finished" in rerun.stdout.replace("\n", " ")
+    assert len(read_results(out / "results.csv")) == 18
