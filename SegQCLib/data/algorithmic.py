@@ -402,10 +402,19 @@ def registration_transform(moving: LabelledSubject, fixed: LabelledSubject, kind
                              kind, int(variant))
 
 
-def _resample_label(moving: LabelledSubject, fixed: LabelledSubject, label: str,
-                    transform: sitk.Transform) -> np.ndarray:
+def register_onto(moving: LabelledSubject, fixed: Volume, fixed_key: str, kind: str = "affine") -> sitk.Transform:
+    """:func:`registration_transform` onto an image that is not a built-in subject; ``fixed_key``
+    must identify its content (e.g. a hash of grid and voxels), as it keys the cache."""
+    if kind not in ("affine", "rigid"):
+        raise ValueError(f"kind must be 'affine' or 'rigid', got {kind!r}")
+    return _cached_transform(_Keyed(_subject_key(moving), moving.image), _Keyed(("image", fixed_key), fixed), kind, 0)
+
+
+def propagate_label(moving: LabelledSubject, fixed: Volume, label: str, transform: sitk.Transform) -> np.ndarray:
+    """Structure ``label`` of ``moving`` resampled (nearest neighbour) onto ``fixed``'s grid through
+    ``transform`` (fixed -> moving points): bool (z, y, x)."""
     moving_label = _as_sitk(moving.image, moving.segmentation.mask(label).astype(np.uint8))
-    reference = _as_sitk(fixed.image, np.zeros(fixed.image.shape, dtype=np.uint8))
+    reference = _as_sitk(fixed, np.zeros(fixed.shape, dtype=np.uint8))
     warped = sitk.Resample(moving_label, reference, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
     return sitk.GetArrayFromImage(warped).astype(bool)
 
@@ -415,7 +424,7 @@ def _registration(moving: LabelledSubject, fixed: LabelledSubject, label_moving:
     if variants < 1:
         raise ValueError(f"variants must be >= 1, got {variants}")
     variant = int(rng.integers(variants))
-    mask = _resample_label(moving, fixed, label_moving, registration_transform(moving, fixed, kind, variant))
+    mask = propagate_label(moving, fixed.image, label_moving, registration_transform(moving, fixed, kind, variant))
     return mask, _with_tag(kind, moving.subject, f"v{variant}")
 
 
@@ -524,7 +533,7 @@ def algorithmic_segmentations(subject: LabelledSubject, structure: str, rng: np.
             mask, detail = _region_growing(subject.image, truth, rng)
         else:
             atlas, kind, variant = registrations.pop(int(rng.integers(len(registrations))))
-            mask = _resample_label(atlas, subject, structure, registration_transform(atlas, subject, kind, variant))
+            mask = propagate_label(atlas, subject.image, structure, registration_transform(atlas, subject, kind, variant))
             detail = _with_tag(kind, atlas.subject, f"v{variant}")
         out.append((_with_tag(family, detail), mask, float(dice(mask, truth))))
     return out

@@ -51,4 +51,16 @@ def register_installed_models() -> None:
                            int(data.get("priority", 0)))
 
 
+def register_builtin_models() -> None:
+    """Models without weight files: ``atlas-brain-mr`` (atlas registration pGT), when its atlases are installed."""
+    from ..data.sources import available_sources
+
+    if available_sources().get("colin27"):
+        from .atlas import MODEL_NAME, load_model
+
+        register_model(MODEL_NAME, load_model, "pGT from an affinely registered brain atlas (Colin27 AAL/brain, "
+                       "MNI152 tissue/brain): DSC/HD95 vs pGT", "reconstruction", priority=0)
+
+
 register_installed_models()
+register_builtin_models()
