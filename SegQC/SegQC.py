@@ -90,6 +90,7 @@ _METRIC_DESCRIPTIONS = {
 #: Node reference roles and attribute names the Logic writes on result tables.
 VOLUME_REFERENCE_ROLE = "SegQCVolume"
 SEGMENTATION_REFERENCE_ROLE = "SegQCSegmentation"
+CHART_REFERENCE_ROLE = "SegQCChart"
 ATTRIBUTE_PREFIX = "SegQC."
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
@@ -261,6 +262,8 @@ class SegQCLogic(ScriptedLoadableModuleLogic):
     def __init__(self):
         ScriptedLoadableModuleLogic.__init__(self)
         self.lastResult = None
+        self.lastChartNode = None
+        self.lastPseudoGroundTruthNode = None
 
     # ------------------------------------------------------------------ geometry and arrays
     @staticmethod
@@ -411,6 +414,152 @@ class SegQCLogic(ScriptedLoadableModuleLogic):
         self.lastResult = result
         tableNode = self.resultToTable(result, tableNode)
         self._linkTable(tableNode, volumeNode, segmentationNode, segmentId)
+        self.lastChartNode = self.plotScores(tableNode, result.threshold)
+        self.lastPseudoGroundTruthNode = None
+        if result.pgt is not None:
+            progress(0.9, _("Pseudo ground truth"))
+            self.lastPseudoGroundTruthNode = self.pseudoGroundTruthToSegmentation(result, mask, volumeNode,
+                                                                                  segmentationNode, segmentId)
+        progress(1.0, _("Done"))
+        return tableNode
+
+    # ------------------------------------------------------------------ display nodes
+    @staticmethod
+    def plotScores(tableNode, threshold: float, chartNode=None, column: str = "dsc"):
+        """A plot chart of ``column`` against the slice index, with a dashed threshold line.
+
+        Series read ``tableNode`` (from :meth:`resultToTable`); the threshold line lives in a small
+        table of its own (two points spanning the slices). Returns the chart node (new when
+        ``chartNode`` is None); the chart is referenced from the table (role ``SegQCChart``).
+        """
+        scene = slicer.mrmlScene
+        if chartNode is None:
+            chartNode = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", scene.GenerateUniqueName(f"{tableNode.GetName()} plot"))
+        chartNode.RemoveAllPlotSeriesNodeIDs()
+        slices = [int(v) for v in _tableColumn(tableNode, "slice")] or [0]
+        lineTable = scene.AddNewNodeByClass("vtkMRMLTableNode", scene.GenerateUniqueName(f"{tableNode.GetName()} threshold"))
+        for name, values in (("slice", [min(slices), max(slices)]), ("threshold", [threshold, threshold])):
+            array = vtk.vtkDoubleArray()
+            array.SetName(name)
+            for value in values:
+                array.InsertNextValue(float(value))
+            lineTable.AddColumn(array)
+        for name, table, yColumn, style, color in (
+                (f"{column} per slice", tableNode, column, "solid", (0.1, 0.4, 0.8)),
+                (f"threshold {threshold:g}", lineTable, "threshold", "dash", (0.85, 0.1, 0.1))):
+            series = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", scene.GenerateUniqueName(name))
+            series.SetAndObserveTableNodeID(table.GetID())
+            series.SetXColumnName("slice")
+            series.SetYColumnName(yColumn)
+            series.SetPlotType(series.PlotTypeScatter)
+            series.SetLineStyle(series.LineStyleDash if style == "dash" else series.LineStyleSolid)
+            series.SetMarkerStyle(series.MarkerStyleNone if style == "dash" else series.MarkerStyleCircle)
+            series.SetColor(*color)
+            chartNode.AddAndObservePlotSeriesNodeID(series.GetID())
+        chartNode.SetTitle(f"{tableNode.GetAttribute(ATTRIBUTE_PREFIX + 'label') or ''} {column} per slice")
+        chartNode.SetXAxisTitle("slice")
+        chartNode.SetYAxisTitle(column)
+        chartNode.SetYAxisRangeAuto(False)
+        chartNode.SetYAxisRange(0.0, 1.0)
+        tableNode.SetNodeReferenceID(CHART_REFERENCE_ROLE, chartNode.GetID())
+        return chartNode
+
+    def pseudoGroundTruthToSegmentation(self, result, mask: np.ndarray, volumeNode, segmentationNode, segmentId):
+        """A new segmentation node "<segment> pGT (<model>)" with segments ``pGT`` (outline only),
+        ``FP`` (segment but not pGT) and ``FN`` (pGT but not segment), on ``volumeNode``'s grid.
+
+        ``mask`` is the assessed segment (bool (z, y, x) on the volume grid). The input segmentation
+        is not modified.
+        """
+        scene = slicer.mrmlScene
+        name = segmentationNode.GetSegmentation().GetSegment(segmentId).GetName()
+        node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", scene.GenerateUniqueName(f"{name} pGT ({result.model})"))
+        node.CreateDefaultDisplayNodes()
+        node.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+        pgt = np.asarray(result.pgt, bool)
+        for segmentName, array, color in (("pGT", pgt, (0.1, 0.9, 0.2)), ("FP", mask & ~pgt, (1.0, 0.55, 0.0)),
+                                          ("FN", pgt & ~mask, (0.2, 0.5, 1.0))):
+            newId = node.GetSegmentation().AddEmptySegment(segmentName, segmentName, list(color))
+            slicer.util.updateSegmentBinaryLabelmapFromArray(array.astype(np.uint8), node, newId, volumeNode)
+        display = node.GetDisplayNode()
+        display.SetSegmentVisibility2DFill("pGT", False)  # the pGT as an outline over the user's segment
+        display.SetSegmentVisibility2DOutline("pGT", True)
+        node.SetNodeReferenceID(SEGMENTATION_REFERENCE_ROLE, segmentationNode.GetID())
+        node.SetAttribute(ATTRIBUTE_PREFIX + "segmentId", segmentId)
+        return node
+
+    # ------------------------------------------------------------------ batch
+    @staticmethod
+    def referenceVolumeOf(segmentationNode):
+        """The volume a segmentation node segments: its reference-geometry volume, else the scene's only volume."""
+        from SegQCLib.errors import InputError
+
+        volume = segmentationNode.GetNodeReference("referenceImageGeometryRef")
+        if volume is not None and volume.IsA("vtkMRMLScalarVolumeNode") and not volume.IsA("vtkMRMLLabelMapVolumeNode"):
+            return volume
+        volumes = [n for n in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
+                   if not n.IsA("vtkMRMLLabelMapVolumeNode")]
+        if len(volumes) == 1:
+            return volumes[0]
+        raise InputError(segmentationNode.GetName(), f"names no reference volume and the scene holds {len(volumes)} "
+                                                     "volumes: cannot tell which image it segments")
+
+    def batchScene(self, modelName: str, device: str = "auto", threshold: float = 0.8, tableNode=None,
+                   progressCallback=None, cancelled=None):
+        """QC of every segment of every segmentation node in the scene -> one summary table, worst first.
+
+        Columns: ``node``, ``segment``, ``model``, ``score`` (volume pseudo-DSC), ``flagged`` (number
+        of slices below ``threshold``), ``flaggedSlices`` (their indices), ``status`` ("ok" or the
+        error: a segment that cannot be scored does not stop the batch). Nodes made by SegQC itself
+        (pGT nodes) are skipped. ``cancelled()`` is polled between segments; on cancel the table
+        holds what finished. Returns the table node.
+        """
+        from SegQCLib import qc
+        from SegQCLib.errors import SegQCError
+
+        progress = progressCallback or (lambda fraction, message="": None)
+        model = qc.load_model(modelName, device)
+        jobs = []
+        for node in slicer.util.getNodesByClass("vtkMRMLSegmentationNode"):
+            if node.GetAttribute(ATTRIBUTE_PREFIX + "segmentId") is not None:
+                continue  # a pGT node of ours
+            segmentation = node.GetSegmentation()
+            jobs += [(node, segmentation.GetNthSegmentID(i)) for i in range(segmentation.GetNumberOfSegments())]
+        rows = []
+        for done, (node, segmentId) in enumerate(jobs):
+            if cancelled is not None and cancelled():
+                break
+            segmentName = node.GetSegmentation().GetSegment(segmentId).GetName()
+            progress(done / max(len(jobs), 1), f"{node.GetName()} / {segmentName}")
+            row = {"node": node.GetName(), "segment": segmentName, "model": modelName, "score": math.nan,
+                   "flagged": 0, "flaggedSlices": "", "status": "ok"}
+            try:
+                volumeNode = self.referenceVolumeOf(node)
+                result = model.assess(self.volumeFromNode(volumeNode), self.segmentMask(node, segmentId, volumeNode),
+                                      segmentName, threshold=threshold, all_slices=True)
+                row.update(score=_finiteOrNan(result.volume.get("dsc")), flagged=len(result.flagged),
+                           flaggedSlices=" ".join(str(k) for k in result.flagged))
+            except SegQCError as err:
+                row["status"] = str(err)
+            rows.append(row)
+        rows.sort(key=lambda r: (math.isnan(r["score"]), r["score"]))  # worst first, failures last
+        if tableNode is None:
+            tableNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode",
+                                                           slicer.mrmlScene.GenerateUniqueName("SegQC batch"))
+        wasModifying = tableNode.StartModify()
+        try:
+            tableNode.RemoveAllColumns()
+            for column, kind in (("node", "string"), ("segment", "string"), ("model", "string"), ("score", "double"),
+                                 ("flagged", "int"), ("flaggedSlices", "string"), ("status", "string")):
+                array = {"string": vtk.vtkStringArray, "double": vtk.vtkDoubleArray, "int": vtk.vtkIntArray}[kind]()
+                array.SetName(column)
+                for row in rows:
+                    array.InsertNextValue(row[column] if kind != "double" else float(row[column]))
+                tableNode.AddColumn(array)
+            tableNode.SetAttribute(ATTRIBUTE_PREFIX + "model", modelName)
+            tableNode.SetAttribute(ATTRIBUTE_PREFIX + "threshold", repr(float(threshold)))
+        finally:
+            tableNode.EndModify(wasModifying)
         progress(1.0, _("Done"))
         return tableNode
 
@@ -489,6 +638,12 @@ class SegQCLogic(ScriptedLoadableModuleLogic):
         shown = ", ".join(str(k) for k in flagged[:10]) + (", ..." if len(flagged) > 10 else "")
         return (f"{result.label}: volume DSC {dsc:.3f} ({result.model}); {len(flagged)} of {len(result.slices)}"
                 f" slices below {result.threshold:g}" + (f": {shown}" if flagged else ""))
+
+
+def _tableColumn(tableNode, name: str) -> list[float]:
+    """Values of a numeric column of a table node (empty when the column is missing)."""
+    array = tableNode.GetTable().GetColumnByName(name)
+    return [array.GetValue(i) for i in range(array.GetNumberOfTuples())] if array is not None else []
 
 
 def _finiteOrNan(value) -> float:

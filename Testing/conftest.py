@@ -27,6 +27,8 @@ Gotchas, found the hard way:
   (it would only log load errors; nothing we use needs it).
 - ``slicer.util.updateSegmentBinaryLabelmapFromArray`` rejects ``bool`` arrays (VTK has no bool
   type): hand it ``uint8``.
+- ``scene.ReadFromMRB`` unpacks the bundle into the remote cache directory of the scene's data IO
+  manager: without a ``vtkDataIOManager`` holding a ``vtkCacheManager`` it fails.
 - ``slicer.util.load*`` / ``save*`` need the Qt application: read files through storage nodes
   (``vtkMRMLVolumeArchetypeStorageNode``, ``vtkMRMLSegmentationStorageNode``) instead.
 """
@@ -127,6 +129,15 @@ def build_headless_slicer():
     appLogic.SetTemporaryPath(str(home / "tmp"))
     appLogic.SetMRMLScene(scene)
 
+    # scene.ReadFromMRB unpacks into the remote cache directory of the scene's data IO manager
+    (home / "cache").mkdir()
+    cacheManager = slicer.vtkCacheManager()
+    cacheManager.SetRemoteCacheDirectory(str(home / "cache"))
+    dataIOManager = slicer.vtkDataIOManager()
+    dataIOManager.SetCacheManager(cacheManager)
+    scene.SetCacheManager(cacheManager)
+    scene.SetDataIOManager(dataIOManager)
+
     logics = {}
     for name, className in MODULE_LOGICS:
         logic = getattr(slicer, className)()
@@ -139,7 +150,8 @@ def build_headless_slicer():
     slicer.app = HeadlessApp(scene, appLogic, str(home / "tmp"))
     slicer.modules = types.SimpleNamespace(**{name.lower(): HeadlessModule(name, logic) for name, logic in logics.items()})
     # keep every object alive for the whole process (VTK objects die with their last Python reference)
-    slicer._segqcHeadlessEnv = types.SimpleNamespace(scene=scene, appLogic=appLogic, logics=logics, home=home)
+    slicer._segqcHeadlessEnv = types.SimpleNamespace(scene=scene, appLogic=appLogic, logics=logics, home=home,
+                                                     dataIOManager=dataIOManager, cacheManager=cacheManager)
     return slicer
 
 

@@ -1,0 +1,130 @@
+"""SegQCLogic with real QC models on real MRML, headless: plot, pGT / FP / FN nodes, batch of a scene, .mrb.
+
+Data: the MNI152 T1 (nilearn) and its brain mask, degraded by SegQC; the pGT model is
+``atlas-brain-mr`` (Colin27 registered onto MNI152, so the image's own mask is never its pGT); the
+regressor is the shipped ``sentinel-brain-mr``.
+"""
+from __future__ import annotations
+
+import math
+import zipfile
+
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+
+from test_slicer_logic import add_segment, load_volume, table_column
+
+from SegQCLib.data.sources import mni152
+from SegQCLib.degrade import degrade_to_band
+from SegQCLib.io import write_volume
+from SegQCLib.qc import available_models
+
+pytestmark = pytest.mark.skipif("atlas-brain-mr" not in {m.name for m in available_models()},
+                                reason="atlas-brain-mr needs mricron-data")
+
+
+@pytest.fixture
+def logic(slicer_env):
+    import SegQC
+
+    return SegQC.SegQCLogic()
+
+
+@pytest.fixture
+def mni_case(scene, slicer_env, tmp_path):
+    """(volume node, segmentation node, segment id of a degraded brain mask, the mask, the truth)."""
+    subject = mni152("brain")
+    path = tmp_path / "mni152_t1.nii.gz"
+    write_volume(subject.image, path)
+    volumeNode = load_volume(slicer_env, path, "MNI152")
+    truth = subject.segmentation.mask("Brain")
+    degraded = degrade_to_band(truth.astype(np.uint8), (0.5, 0.75), seed=3)[0] > 0
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "quick brain")
+    node.CreateDefaultDisplayNodes()
+    node.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+    segmentId = add_segment(slicer_env, node, "Brain", degraded, volumeNode)
+    return volumeNode, node, segmentId, degraded, truth
+
+
+def test_assess_with_a_pgt_model_makes_table_plot_and_pgt_fp_fn_nodes(mni_case, logic, scene, slicer_env):
+    slicer = slicer_env
+    volumeNode, node, segmentId, degraded, truth = mni_case
+    before = slicer.util.arrayFromSegmentBinaryLabelmap(node, segmentId, volumeNode).copy()
+
+    table = logic.assessSegment(volumeNode, node, segmentId, "atlas-brain-mr", device="cpu", threshold=0.8)
+
+    result = logic.lastResult
+    # the table: one row per scored slice, pseudo-DSC of the mask against the pGT
+    slices = table_column(table, "slice").astype(int)
+    assert list(slices) == [row["index"] for row in result.slices]
+    flagged = table_column(table, "flagged").astype(bool)
+    assert list(slices[flagged]) == result.flagged
+    # the plot: scores per slice and a threshold line spanning the slices
+    chart = logic.lastChartNode
+    assert table.GetNodeReference("SegQCChart") is chart and chart.GetNumberOfPlotSeriesNodes() == 2
+    scores, line = (chart.GetNthPlotSeriesNode(i) for i in range(2))
+    assert scores.GetTableNode() is table and (scores.GetXColumnName(), scores.GetYColumnName()) == ("slice", "dsc")
+    np.testing.assert_allclose(table_column(line.GetTableNode(), "threshold"), [0.8, 0.8])
+    np.testing.assert_allclose(table_column(line.GetTableNode(), "slice"), [slices.min(), slices.max()])
+    # the pGT node: pGT (outline), FP and FN, on the volume grid, exactly the arrays of the result
+    pgtNode = logic.lastPseudoGroundTruthNode
+    segmentation = pgtNode.GetSegmentation()
+    names = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
+    assert names == ["pGT", "FP", "FN"]
+    arrays = {name: slicer.util.arrayFromSegmentBinaryLabelmap(pgtNode, segmentation.GetSegmentIdBySegmentName(name),
+                                                               volumeNode) > 0 for name in names}
+    pgt = result.pgt
+    np.testing.assert_array_equal(arrays["pGT"], pgt)
+    np.testing.assert_array_equal(arrays["FP"], degraded & ~pgt)
+    np.testing.assert_array_equal(arrays["FN"], pgt & ~degraded)
+    display = pgtNode.GetDisplayNode()
+    assert not display.GetSegmentVisibility2DFill("pGT") and display.GetSegmentVisibility2DOutline("pGT")
+    # the pGT is a real estimate of the truth, and the user's segment is untouched
+    from SegQCLib.metrics import dice
+
+    assert dice(pgt, truth) > 0.9
+    assert abs(result.volume["dsc"] - dice(degraded, truth)) < 0.1
+    np.testing.assert_array_equal(slicer.util.arrayFromSegmentBinaryLabelmap(node, segmentId, volumeNode), before)
+
+
+def test_batch_of_a_mrb_scene_saves_the_summary_back(mni_case, logic, scene, slicer_env, tmp_path):
+    slicer = slicer_env
+    volumeNode, node, segmentId, degraded, truth = mni_case
+    good = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "careful brain")
+    good.CreateDefaultDisplayNodes()
+    good.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+    add_segment(slicer, good, "Brain", ndi.binary_erosion(truth), volumeNode)  # one voxel off the truth
+    add_segment(slicer, good, "Liver", truth, volumeNode)  # no atlas holds it: an error row, not a stop
+    bundle = tmp_path / "two-segmentations.mrb"
+    assert scene.WriteToMRB(str(bundle))
+
+    scene.Clear(0)
+    assert scene.ReadFromMRB(str(bundle))
+    assert len(slicer.util.getNodesByClass("vtkMRMLSegmentationNode")) == 2
+    progress = []
+    table = logic.batchScene("atlas-brain-mr", device="cpu", progressCallback=lambda f, m="": progress.append(f))
+
+    column = lambda name: [table.GetTable().GetColumnByName(name).GetValue(i) for i in range(table.GetNumberOfRows())]
+    assert table.GetNumberOfRows() == 3 and progress[-1] == 1.0
+    assert column("node")[:2] == ["quick brain", "careful brain"]  # worst first
+    scores = column("score")
+    assert scores[0] < 0.8 < scores[1] and math.isnan(scores[2])
+    assert column("segment")[2] == "Liver" and "no atlas" in column("status")[2]
+    assert column("flagged")[0] > column("flagged")[1]
+
+    # saved back into the scene bundle, readable by Slicer again
+    saved = tmp_path / "two-segmentations-qc.mrb"
+    assert scene.WriteToMRB(str(saved))
+    with zipfile.ZipFile(saved) as archive:
+        assert any(name.endswith(".tsv") and "SegQC batch" in name for name in archive.namelist())
+    scene.Clear(0)
+    assert scene.ReadFromMRB(str(saved))
+    tables = [n for n in slicer.util.getNodesByClass("vtkMRMLTableNode") if n.GetName().startswith("SegQC batch")]
+    assert len(tables) == 1 and tables[0].GetNumberOfRows() == 3
+
+
+def test_batch_can_be_cancelled(mni_case, logic):
+    calls = []
+    table = logic.batchScene("atlas-brain-mr", device="cpu", cancelled=lambda: calls.append(1) or len(calls) > 1)
+    assert table.GetNumberOfRows() == 0 or table.GetNumberOfRows() == 1
