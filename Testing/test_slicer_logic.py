@@ -226,9 +226,13 @@ def test_compare_segments_gives_true_metrics(brain_case, logic, scene, slicer_en
     assert table.GetNodeReference("SegQCSegmentation") is segmentationNode
     assert table.GetColumnUnitLabel("hd95") == "mm"
 
-    # inputs untouched, and no temporary node left behind: only the table was added
+    # inputs untouched, and no temporary node left behind: only the table and its plot were added
     nodesAfter = node_ids(scene)
-    assert nodesAfter - nodesBefore == {table.GetID()} and not nodesBefore - nodesAfter
+    chart = table.GetNodeReference("SegQCChart")
+    series = [chart.GetNthPlotSeriesNode(i) for i in range(chart.GetNumberOfPlotSeriesNodes())]
+    plotNodes = {chart.GetID()} | {s.GetID() for s in series} | {s.GetTableNodeID() for s in series}
+    assert nodesAfter - nodesBefore == plotNodes | {table.GetID()} and not nodesBefore - nodesAfter
+    assert len(plotNodes) == 5  # chart, two series, the result table itself and the threshold-line table
     assert segmentationNode.GetSegmentation().GetNumberOfSegments() == 2
     util = slicer_env.util
     np.testing.assert_array_equal(util.arrayFromSegmentBinaryLabelmap(segmentationNode, brainId, volumeNode) > 0, brain)

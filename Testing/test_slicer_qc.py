@@ -128,3 +128,17 @@ def test_batch_can_be_cancelled(mni_case, logic):
     calls = []
     table = logic.batchScene("atlas-brain-mr", device="cpu", cancelled=lambda: calls.append(1) or len(calls) > 1)
     assert table.GetNumberOfRows() == 0 or table.GetNumberOfRows() == 1
+
+
+def test_missing_dependencies_lists_only_what_is_absent(logic, monkeypatch):
+    import importlib.util
+
+    import SegQC
+
+    torchMissing, missing = logic.missingDependencies()
+    assert torchMissing is False and missing == []  # this environment has everything
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("torch", "cv2") else real(name, *a))
+    torchMissing, missing = logic.missingDependencies()
+    assert torchMissing is True and missing == ["opencv-python-headless"]
+    assert all(requirement for _, requirement in SegQC.PIP_REQUIREMENTS)
