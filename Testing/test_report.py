@@ -345,7 +345,7 @@ def _chromium(args: list[str], profile: Path) -> subprocess.CompletedProcess:
     command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                "--disable-background-networking", "--disable-component-update", "--disable-sync",
                f"--user-data-dir={profile}", *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+    return subprocess.run(command, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120)
 
 
 def test_report_renders_in_headless_chromium(batch, written, tmp_path):
