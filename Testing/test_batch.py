@@ -281,7 +281,10 @@ def test_cli_batch_bad_input_names_the_file(tmp_path, capsys):
 def test_ctrl_c_stops_cleanly_and_the_rerun_resumes(dataset, tmp_path):
     out = tmp_path / "out"
     command = [str(SEGQC), "batch", str(dataset), "--model", MODEL, "--out", str(out), "--workers", "0", "--no-report"]
-    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # A shell that starts jobs in the background ignores SIGINT in them, and Python then keeps it
+    # ignored; give the run a terminal's default disposition, as a user's Ctrl-C meets it.
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         _wait_for(lambda: _finished_cases(out / "results.csv") >= 1 or run.poll() is not None, 240, "a finished case")
         assert run.poll() is None, "the run finished before Ctrl-C could be sent"
