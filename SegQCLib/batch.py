@@ -330,7 +330,7 @@ def run_batch(source: str | Path, model: str, out_dir: str | Path, *, device: st
 
     Ctrl-C stops the run after closing the cluster; every finished case is already in the journal.
     """
-    from .qc import load_model, resolve_device
+    from .qc import available_models, resolve_device
 
     out = Path(out_dir)
     source = Path(source)
@@ -339,7 +339,9 @@ def run_batch(source: str | Path, model: str, out_dir: str | Path, *, device: st
     if out.exists() and not out.is_dir():
         raise InputError(out, "exists and is not a folder: choose another --out folder")
     device = resolve_device(device)
-    load_model(model, "cpu")  # fail fast on an unknown model, before any cluster starts
+    installed = [entry.name for entry in available_models()]
+    if model not in installed:  # fail fast, before any cluster starts (the driver never loads the model)
+        raise InputError(model, f"unknown QC model (installed: {', '.join(installed) or 'none'})")
     cases = load_cases(source, out)  # reads nothing but the listing; bad input fails before OUT is made
     out.mkdir(parents=True, exist_ok=True)
     if limit is not None:

@@ -300,3 +300,9 @@ def test_ctrl_c_stops_cleanly_and_the_rerun_resumes(dataset, tmp_path):
     rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0 and f"{done} already finished" in rerun.stdout.replace("\n", " ")
     assert len(read_results(out / "results.csv")) == 18
+
+
+def test_unknown_model_fails_before_any_work(dataset, tmp_path):
+    with pytest.raises(InputError, match="unknown QC model"):
+        run_batch(dataset, "no-such-model", tmp_path / "out", workers=2)
+    assert not (tmp_path / "out").exists()
