@@ -170,6 +170,9 @@ class SegQCWidget(ScriptedLoadableModuleWidget):
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.resultsTableView.connect("clicked(QModelIndex)", self.onResultClicked)
         self.ui.batchButton.connect("clicked(bool)", self.onBatchButton)
+        self.ui.refineButton.connect("clicked(bool)", self.onRefineButton)
+        for name in ("grabcut", "randomwalker", "medsam"):
+            self.ui.segmenterComboBox.addItem(name)
         self.ui.batchTableView.connect("clicked(QModelIndex)", self.onBatchRowClicked)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
 
@@ -270,6 +273,30 @@ class SegQCWidget(ScriptedLoadableModuleWidget):
         finally:
             self._endWork()
 
+    def onRefineButton(self):
+        """HERMES on the selected segment with the chosen pGT model; the result lands in a new segment."""
+        model = self.selectedModel()
+        if model == REFERENCE_MODEL:
+            slicer.util.errorDisplay(_("Choose a QC model that gives a pseudo ground truth (e.g. atlas-brain-mr)."))
+            return
+        if not self.ensureDependencies():
+            return
+        segmentationNode = self.ui.segmentSelector.currentNode()
+        self._startWork()
+        try:
+            with slicer.util.tryWithErrorDisplay(_("HERMES refinement failed."), waitCursor=True):
+                newId = self.logic.refineSegment(
+                    self.ui.inputVolumeSelector.currentNode(), segmentationNode, self.ui.segmentSelector.currentSegmentID(),
+                    model, self.ui.segmenterComboBox.currentText, checkpoint=self.ui.checkpointPathLineEdit.currentPath or None,
+                    threshold=self.ui.thresholdSliderWidget.value, maxIterations=self.ui.maxIterationsSpinBox.value,
+                    onlyFlagged=self.ui.onlyFlaggedCheckBox.checked,
+                    device=self.logic.device(self.ui.forceCpuCheckBox.checked), progressCallback=self.onProgress,
+                    cancelled=lambda: self._cancelRequested)
+                if newId:
+                    self.ui.segmentSelector.setCurrentSegmentID(newId)
+        finally:
+            self._endWork()
+
     def onBatchRowClicked(self, index):
         """Select the clicked row's segment as the input, so Run shows its per-slice scores."""
         tableNode = self.ui.batchTableView.mrmlTableNode()
@@ -355,6 +382,7 @@ class SegQCLogic(ScriptedLoadableModuleLogic):
         self.lastResult = None
         self.lastChartNode = None
         self.lastPseudoGroundTruthNode = None
+        self.lastRefineResult = None
 
     # ------------------------------------------------------------------ geometry and arrays
     @staticmethod
@@ -594,6 +622,98 @@ class SegQCLogic(ScriptedLoadableModuleLogic):
         node.SetAttribute(ATTRIBUTE_PREFIX + "segmentId", segmentId)
         return node
 
+    # ------------------------------------------------------------------ HERMES refine
+    def _promptNodes(self):
+        """The markups that show HERMES's prompts: an ROI (box), positive and negative point lists."""
+        nodes = {}
+        for key, className, name, color in (("box", "vtkMRMLMarkupsROINode", "SegQC prompt box", (1.0, 0.85, 0.0)),
+                                            ("positive", "vtkMRMLMarkupsFiducialNode", "SegQC positive clicks", (0.1, 0.9, 0.2)),
+                                            ("negative", "vtkMRMLMarkupsFiducialNode", "SegQC negative clicks", (0.95, 0.2, 0.2))):
+            node = slicer.mrmlScene.GetFirstNodeByName(name)
+            if node is None or not node.IsA(className):
+                node = slicer.mrmlScene.AddNewNodeByClass(className, name)
+                node.CreateDefaultDisplayNodes()
+                node.GetDisplayNode().SetSelectedColor(*color)
+                node.GetDisplayNode().SetColor(*color)
+            nodes[key] = node
+        return nodes
+
+    def showPrompts(self, volumeNode, sliceIndex: int, prompts, nodes=None):
+        """Show ``prompts`` of axial slice ``sliceIndex`` as markups (RAS): the box as an ROI one
+        slice thick, oriented along the volume's axes; clicks as positive/negative point lists."""
+        nodes = nodes or self._promptNodes()
+        ijkToWorld = self.ijkToWorldMatrix(volumeNode)
+        toRas = lambda i, j, k: (ijkToWorld @ np.array([i, j, k, 1.0]))[:3]
+        roi = nodes["box"]
+        if prompts is not None and prompts.box is not None:
+            x0, y0, x1, y1 = prompts.box
+            axes = ijkToWorld[:3, :3]
+            spacing = np.linalg.norm(axes, axis=0)
+            orientation = vtk.vtkMatrix4x4()
+            for r in range(3):
+                for c in range(3):
+                    orientation.SetElement(r, c, axes[r, c] / spacing[c])
+            roi.SetAndObserveObjectToNodeMatrix(orientation)
+            roi.SetCenterWorld(*toRas((x0 + x1) / 2.0, (y0 + y1) / 2.0, sliceIndex))
+            roi.SetSize((x1 - x0 + 1) * spacing[0], (y1 - y0 + 1) * spacing[1], spacing[2])
+            roi.SetDisplayVisibility(True)
+        else:
+            roi.SetDisplayVisibility(False)
+        for key, positive in (("positive", True), ("negative", False)):
+            pointList = nodes[key]
+            pointList.RemoveAllControlPoints()
+            for y, x, isPositive in (prompts.points if prompts is not None else []):
+                if isPositive == positive:
+                    pointList.AddControlPointWorld(vtk.vtkVector3d(*toRas(x, y, sliceIndex)))
+        return nodes
+
+    def refineSegment(self, volumeNode, segmentationNode, segmentId, modelName: str, segmenterName: str = "grabcut",
+                      checkpoint: str | None = None, threshold: float = 0.8, maxIterations: int = 20,
+                      onlyFlagged: bool = True, slices=None, device: str = "auto", progressCallback=None,
+                      cancelled=None):
+        """HERMES on a segment: refine the slices the pGT model ``modelName`` flags (or ``slices``, e.g.
+        the slice in view), show each
+        iteration's prompts as markups, and store the result in a new segment "<name> refined" of
+        the same segmentation (returned: its ID). The original segment is not modified; on cancel
+        nothing is added. ``self.lastRefineResult`` keeps the traces."""
+        from SegQCLib import qc
+        from SegQCLib.refine import refine_volume, segmenter_from_name
+
+        progress = progressCallback or (lambda fraction, message="": None)
+        progress(0.0, _("Loading models"))
+        model = qc.load_model(modelName, device)
+        segmenter = segmenter_from_name(segmenterName, checkpoint, device)
+        image = self.volumeFromNode(volumeNode)
+        mask = self.segmentMask(segmentationNode, segmentId, volumeNode)
+        name = segmentationNode.GetSegmentation().GetSegment(segmentId).GetName()
+        nodes = self._promptNodes()
+
+        state = {"fraction": 0.1}
+
+        def onIteration(trace):
+            if cancelled is not None and cancelled():
+                raise _Cancelled()
+            self.showPrompts(volumeNode, trace.index, trace.iterations[-1].prompts, nodes)
+            progress(state["fraction"], _("Slice {k}: iteration {i}, pseudo-DSC {d:.2f}").format(
+                k=trace.index, i=len(trace.iterations) - 1, d=trace.iterations[-1].pseudo_dsc))
+
+        def onSlice(done, total):
+            state["fraction"] = 0.1 + 0.85 * done / max(total, 1)
+            progress(state["fraction"], _("Refined {done} of {total} slices").format(done=done, total=total))
+
+        progress(0.1, _("Quality control"))
+        try:
+            result = refine_volume(image, mask, name, model, segmenter, threshold=threshold, only_flagged=onlyFlagged,
+                                   slices=list(slices) if slices is not None else None, max_iterations=maxIterations,
+                                   on_iteration=onIteration, progress=onSlice)
+        except _Cancelled:
+            return None
+        self.lastRefineResult = result
+        newId = segmentationNode.GetSegmentation().AddEmptySegment("", f"{name} refined")
+        slicer.util.updateSegmentBinaryLabelmapFromArray(result.mask.astype(np.uint8), segmentationNode, newId, volumeNode)
+        progress(1.0, _("Done"))
+        return newId
+
     # ------------------------------------------------------------------ batch
     @staticmethod
     def referenceVolumeOf(segmentationNode):
@@ -745,6 +865,10 @@ class SegQCLogic(ScriptedLoadableModuleLogic):
         shown = ", ".join(str(k) for k in flagged[:10]) + (", ..." if len(flagged) > 10 else "")
         return (f"{result.label}: volume DSC {dsc:.3f} ({result.model}); {len(flagged)} of {len(result.slices)}"
                 f" slices below {result.threshold:g}" + (f": {shown}" if flagged else ""))
+
+
+class _Cancelled(Exception):
+    """Raised inside a long Logic call when the user pressed Cancel."""
 
 
 def _tableColumn(tableNode, name: str) -> list[float]:

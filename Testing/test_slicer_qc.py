@@ -142,3 +142,55 @@ def test_missing_dependencies_lists_only_what_is_absent(logic, monkeypatch):
     torchMissing, missing = logic.missingDependencies()
     assert torchMissing is True and missing == ["opencv-python-headless"]
     assert all(requirement for _, requirement in SegQC.PIP_REQUIREMENTS)
+
+
+def test_hermes_refine_adds_a_refined_segment_shows_prompts_and_leaves_the_original(scene, slicer_env, logic, tmp_path):
+    from SegQCLib.data.sources import colin27
+    from SegQCLib.metrics import dice
+
+    slicer = slicer_env
+    subject = colin27("brain")  # a full-head T1: the pGT comes from the MNI152 atlas
+    path = tmp_path / "colin27.nii.gz"
+    write_volume(subject.image, path)
+    volumeNode = load_volume(slicer, path, "Colin27")
+    truth = subject.segmentation.mask("Brain")
+    degraded = degrade_to_band(truth.astype(np.uint8), (0.5, 0.75), seed=5)[0] > 0
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "brain")
+    node.CreateDefaultDisplayNodes()
+    segmentId = add_segment(slicer, node, "Brain", degraded, volumeNode)
+    before = slicer.util.arrayFromSegmentBinaryLabelmap(node, segmentId, volumeNode).copy()
+    shown = []
+    real_show = logic.showPrompts
+    logic.showPrompts = lambda *a, **k: shown.append(a[1]) or real_show(*a, **k)
+
+    slices = [70, 100]
+    newId = logic.refineSegment(volumeNode, node, segmentId, "atlas-brain-mr", "grabcut", threshold=0.9,
+                                maxIterations=6, slices=slices, device="cpu")
+
+    segmentation = node.GetSegmentation()
+    assert segmentation.GetSegment(newId).GetName() == "Brain refined" and segmentation.GetNumberOfSegments() == 2
+    np.testing.assert_array_equal(slicer.util.arrayFromSegmentBinaryLabelmap(node, segmentId, volumeNode), before)
+    refined = slicer.util.arrayFromSegmentBinaryLabelmap(node, newId, volumeNode) > 0
+    untouched = [k for k in range(refined.shape[0]) if k not in slices]
+    np.testing.assert_array_equal(refined[untouched], degraded[untouched])
+    for k in slices:  # HERMES improves the flagged slices against the (unseen) truth
+        assert dice(refined[k], truth[k]) > dice(degraded[k], truth[k]) + 0.03  # measured +0.07 and more
+    # the prompts were shown per iteration, on the slice being refined
+    traces = logic.lastRefineResult.traces
+    assert shown.count(70) == len(traces[0].iterations) and shown.count(100) == len(traces[1].iterations)
+    roi = scene.GetFirstNodeByName("SegQC prompt box")
+    last = traces[-1].iterations[-1].prompts
+    assert roi.GetDisplayVisibility() and last.box is not None
+    center = [0.0, 0.0, 0.0]
+    roi.GetCenterWorld(center)
+    ras_slice = logic.sliceRAS(volumeNode, 100)
+    assert abs(center[2] - ras_slice[2]) < 1e-6
+    size = roi.GetSize()
+    x0, y0, x1, y1 = last.box
+    np.testing.assert_allclose(size, [(x1 - x0 + 1) * 1.0, (y1 - y0 + 1) * 1.0, 1.0], atol=1e-6)
+    positive = scene.GetFirstNodeByName("SegQC positive clicks")
+    assert positive.GetNumberOfControlPoints() == sum(p for _, _, p in last.points)
+    for i in range(positive.GetNumberOfControlPoints()):
+        point = [0.0, 0.0, 0.0]
+        positive.GetNthControlPointPositionWorld(i, point)
+        assert abs(point[2] - ras_slice[2]) < 1e-6

@@ -1,0 +1,209 @@
+"""The HERMES loop: segment, score against the pGT, move the prompts, segment again.
+
+Per slice (:func:`refine_slice`): start from the given mask, or segment with the paper's initial
+prompts (whole-image box, random scribbles, random clicks); while the pseudo-DSC is under the
+threshold, derive new prompts from the pGT and the current errors and segment again; stop after
+``patience`` (10) iterations without improvement or ``max_iterations`` (20) in all; keep the best
+mask by pseudo-DSC. Per volume (:func:`refine_volume`): run the QC model once, refine the slices it
+flags (or, without a mask, every slice where the pGT has the structure), write the best masks into
+a copy of the input mask.
+
+The pseudo-DSC of a candidate is its DSC against the slice's pGT. That is exact for models whose
+pGT does not depend on the mask checked (``atlas-brain-mr``); for models whose pGT does (nnQC
+conditions its diffusion on the mask), ``rescore="model"`` runs the QC model again on every
+candidate and uses its slice score and pGT.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError
+from ..metrics import dice
+from ..qc import DEFAULT_FLAG_THRESHOLD, QCResult
+from ..volume import Volume
+from .prompts import Prompts, initial_prompts, prompts_from_pgt
+from .segmenters import Segmenter
+
+DEFAULT_PATIENCE = 10
+DEFAULT_MAX_ITERATIONS = 20
+
+#: score_fn(mask (y, x) bool) -> (pseudo-DSC, pGT (y, x) bool)
+ScoreFn = Callable[[np.ndarray], tuple[float, np.ndarray]]
+
+
+@dataclass
+class Iteration:
+    """One segmentation of the loop: the prompts given, the mask obtained, its pseudo-DSC."""
+
+    prompts: Prompts | None
+    mask: np.ndarray
+    pseudo_dsc: float
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return {"prompts": self.prompts.to_json_dict() if self.prompts else None,
+                "pseudo_dsc": round(float(self.pseudo_dsc), 4), "area_px": int(self.mask.sum())}
+
+
+@dataclass
+class SliceTrace:
+    """Everything the loop did on one slice; ``iterations[0]`` is the starting mask."""
+
+    index: int
+    iterations: list[Iteration] = field(default_factory=list)
+    best: int = 0
+    stop_reason: str = ""
+    pgt: np.ndarray | None = None
+
+    @property
+    def best_mask(self) -> np.ndarray:
+        return self.iterations[self.best].mask
+
+    @property
+    def initial_pseudo_dsc(self) -> float:
+        return self.iterations[0].pseudo_dsc
+
+    @property
+    def best_pseudo_dsc(self) -> float:
+        return self.iterations[self.best].pseudo_dsc
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "best_iteration": self.best, "stop_reason": self.stop_reason,
+                "initial_pseudo_dsc": round(float(self.initial_pseudo_dsc), 4),
+                "best_pseudo_dsc": round(float(self.best_pseudo_dsc), 4),
+                "iterations": [it.to_json_dict() for it in self.iterations]}
+
+
+def refine_slice(image: np.ndarray, score_fn: ScoreFn, segmenter: Segmenter, *,
+                 threshold: float = DEFAULT_FLAG_THRESHOLD, patience: int = DEFAULT_PATIENCE,
+                 max_iterations: int = DEFAULT_MAX_ITERATIONS, initial_mask: np.ndarray | None = None,
+                 rng: np.random.Generator | None = None, index: int = 0,
+                 on_iteration: Callable[[SliceTrace], None] | None = None) -> SliceTrace:
+    """Refine one slice (``image`` (y, x)); see the module docstring. ``on_iteration(trace)`` is
+    called after every segmentation (for live display of prompts)."""
+    rng = rng or np.random.default_rng(0)
+    trace = SliceTrace(index)
+    if initial_mask is None:
+        prompts = initial_prompts(segmenter.strategy, image.shape, rng)
+        mask = np.asarray(segmenter.segment(image, prompts), bool)
+    else:
+        prompts, mask = None, np.asarray(initial_mask, bool).copy()
+    score, pgt = score_fn(mask)
+    trace.pgt = pgt
+    trace.iterations.append(Iteration(prompts, mask, score))
+    if on_iteration:
+        on_iteration(trace)
+    stale = 0
+    clicks: list[tuple[int, int, bool]] = []
+    while True:
+        if trace.best_pseudo_dsc >= threshold:
+            trace.stop_reason = "threshold reached"
+            break
+        if len(trace.iterations) - 1 >= max_iterations:
+            trace.stop_reason = f"{max_iterations} iterations"
+            break
+        if stale >= patience:
+            trace.stop_reason = f"{patience} iterations without improvement"
+            break
+        if not pgt.any():
+            trace.stop_reason = "the pGT is empty: no prompt can be derived"
+            break
+        prompts = prompts_from_pgt(segmenter.strategy, pgt, mask)
+        clicks = [p for p in prompts.points if p not in clicks] + clicks  # clicks accumulate, as a user's do
+        prompts.points = clicks
+        mask = np.asarray(segmenter.segment(image, prompts, previous=mask), bool)
+        score, new_pgt = score_fn(mask)
+        pgt = new_pgt if new_pgt is not None else pgt
+        trace.iterations.append(Iteration(prompts, mask, score))
+        if score > trace.best_pseudo_dsc:
+            trace.best, stale = len(trace.iterations) - 1, 0
+        else:
+            stale += 1
+        if on_iteration:
+            on_iteration(trace)
+    return trace
+
+
+@dataclass
+class RefineResult:
+    """A refined mask (bool (z, y, x) on the input grid), the per-slice traces and the first QC result."""
+
+    mask: np.ndarray
+    traces: list[SliceTrace]
+    qc: QCResult
+    threshold: float
+
+    def to_json_dict(self) -> dict[str, Any]:
+        traces = [t.to_json_dict() for t in self.traces]
+        return {"model": self.qc.model, "label": self.qc.label, "threshold": self.threshold,
+                "slices_refined": [t.index for t in self.traces],
+                "mean_iterations": float(np.mean([len(t.iterations) - 1 for t in self.traces])) if traces else 0.0,
+                "traces": traces}
+
+
+def _pseudo_dsc(mask: np.ndarray, pgt: np.ndarray) -> float:
+    return 1.0 if not mask.any() and not pgt.any() else float(dice(mask, pgt))
+
+
+def refine_volume(image: Volume, mask: np.ndarray | None, label: str, qc_model, segmenter: Segmenter, *,
+                  threshold: float = DEFAULT_FLAG_THRESHOLD, only_flagged: bool = True,
+                  slices: list[int] | None = None, patience: int = DEFAULT_PATIENCE,
+                  max_iterations: int = DEFAULT_MAX_ITERATIONS, rescore: str = "pgt", seed: int = 0,
+                  progress: Callable[[int, int], None] | None = None,
+                  on_iteration: Callable[[SliceTrace], None] | None = None) -> RefineResult:
+    """HERMES on a volume: refine the axial slices (``array[k]``) the QC model flags.
+
+    Args:
+        image: the volume; mask: bool (z, y, x) to correct, or None to segment from scratch.
+        label: the structure's name (the QC model needs it).
+        qc_model: a QC model whose results carry a pGT (``kind`` "reconstruction").
+        only_flagged: refine only slices flagged below ``threshold`` (else every slice with mask or pGT).
+        slices: refine exactly these slices instead.
+        rescore: ``"pgt"`` (DSC against the first pGT) or ``"model"`` (run the QC model per candidate).
+        progress: ``progress(done, total)`` after each slice.
+    The input ``mask`` is never modified.
+    """
+    if rescore not in ("pgt", "model"):
+        raise ValueError(f"rescore must be 'pgt' or 'model', got {rescore!r}")
+    start_mask = np.zeros(image.shape, bool) if mask is None else np.asarray(mask, bool)
+    if start_mask.shape != image.shape:
+        raise InputError(image.name, f"mask shape {start_mask.shape} differs from image shape {image.shape}")
+    result = qc_model.assess(image, start_mask, label, threshold=threshold, all_slices=True)
+    if result.pgt is None:
+        raise InputError(getattr(qc_model, "name", "--model"), "gives no pseudo ground truth: HERMES needs a pGT "
+                                                               "model (e.g. atlas-brain-mr or an nnQC model)")
+    pgt = np.asarray(result.pgt, bool)
+    if slices is None:
+        if mask is None:
+            slices = [k for k in range(pgt.shape[0]) if pgt[k].any()]
+        elif only_flagged:
+            slices = list(result.flagged)
+        else:
+            slices = [k for k in range(pgt.shape[0]) if pgt[k].any() or start_mask[k].any()]
+    refined = start_mask.copy()
+    traces = []
+    rng = np.random.default_rng(seed)
+    for done, k in enumerate(slices, start=1):
+        if rescore == "model":
+            def score_fn(candidate: np.ndarray, k: int = k) -> tuple[float, np.ndarray]:
+                trial = refined.copy()
+                trial[k] = candidate
+                rescored = qc_model.assess(image, trial, label, threshold=threshold, all_slices=True)
+                row = next((r for r in rescored.slices if r["index"] == k), None)
+                value = row["dsc"] if row is not None and not math.isnan(row["dsc"]) else _pseudo_dsc(candidate, rescored.pgt[k])
+                return float(value), np.asarray(rescored.pgt[k], bool)
+        else:
+            def score_fn(candidate: np.ndarray, k: int = k) -> tuple[float, np.ndarray]:
+                return _pseudo_dsc(candidate, pgt[k]), pgt[k]
+        trace = refine_slice(image.array[k], score_fn, segmenter, threshold=threshold, patience=patience,
+                             max_iterations=max_iterations, initial_mask=None if mask is None else start_mask[k],
+                             rng=rng, index=int(k), on_iteration=on_iteration)
+        refined[k] = trace.best_mask
+        traces.append(trace)
+        if progress:
+            progress(done, len(slices))
+    return RefineResult(refined, traces, result, threshold)
