@@ -292,6 +292,36 @@ def batch_cmd(
         console.print(f"report: {html}")
 
 
+@app.command("refine")
+def refine_cmd(
+    image: Path = typer.Argument(..., help="Image volume (NIfTI, NRRD, MHA or DICOM folder)."),
+    seg: Optional[Path] = typer.Argument(None, help="Segmentation to correct; omit to segment from scratch."),
+    out: Path = typer.Option(..., "-o", "--out", help="Refined mask (never an input file)."),
+    segmenter: str = typer.Option("grabcut", "--segmenter", help="grabcut, randomwalker or medsam."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Local MedSAM checkpoint (medsam_vit_b.pth)."),
+    threshold: float = typer.Option(DEFAULT_FLAG_THRESHOLD, "--threshold", help="Refine slices below this pseudo-DSC; stop when reached."),
+    model: str = typer.Option("atlas-brain-mr", "--model", help="QC model that gives a pseudo ground truth."),
+    label: Optional[str] = typer.Option(None, "--label", help="Structure in SEG (value or name)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Structure name for the QC model (required without SEG)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the trace (prompts, pseudo-DSC per iteration)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    max_iterations: int = typer.Option(20, "--max-iterations", help="Iterations per slice at most."),
+    all_slices: bool = typer.Option(False, "--all-slices", help="Refine every slice, not only the flagged ones."),
+) -> None:
+    """HERMES: refine a segmentation by moving the prompts of a segmenter until the pseudo-DSC passes."""
+    from .refine.cli import refine_command
+
+    result = refine_command(image, seg, out, segmenter=segmenter, checkpoint=checkpoint, threshold=threshold,
+                            model=model, label=label, name=name, json_out=json_out, device=device,
+                            max_iterations=max_iterations, only_flagged=not all_slices)
+    table = Table("slice", "iterations", "pseudo-DSC before", "pseudo-DSC after", "stop", title=f"HERMES — {result.qc.label}")
+    for trace in result.traces:
+        table.add_row(str(trace.index), str(len(trace.iterations) - 1), _fmt(trace.initial_pseudo_dsc),
+                      _fmt(trace.best_pseudo_dsc), trace.stop_reason)
+    console.print(table)
+    console.print(f"{len(result.traces)} slice(s) refined -> {out}")
+
+
 train_app = typer.Typer(no_args_is_help=True, help="Train a QC model on labelled data.")
 app.add_typer(train_app, name="train")
 
