@@ -111,20 +111,31 @@ def qc_cmd(
     threshold: float = typer.Option(DEFAULT_FLAG_THRESHOLD, "--threshold", help="Flag slices with pseudo-DSC below this."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON here."),
     pgt_out: Optional[Path] = typer.Option(None, "--pgt", help="Write the pseudo ground truth here (pGT models)."),
+    heatmap_out: Optional[Path] = typer.Option(None, "--heatmap", help="Write the per-patch score map here (instance models: QANet)."),
 ) -> None:
-    """Score a segmentation without ground truth: per-slice and volume pseudo-scores."""
+    """Score a segmentation without ground truth: per-slice and volume pseudo-scores.
+
+    With an instance model (QANet), IMAGE is a microscopy image and SEG an instance label image
+    (TIFF, NIfTI, ...): per-patch predicted SEG, an image score and a patch heat map.
+    """
     from .io import write_mask
     from .qc import available_models, default_model_name, load_model, resolve_device
 
     inputs = (image, seg)
     _check_new_output(json_out, inputs)
     _check_new_output(pgt_out, inputs)
+    _check_new_output(heatmap_out, inputs)
     resolved = resolve_device(device)
-    img, _, mask, segment = _load_pair(image, seg, label)
     model_name = model or default_model_name()
     if model_name is None:
         raise InputError("--model", "no QC model is installed yet (`segqc models` lists them)")
     entry = {e.name: e for e in available_models()}.get(model_name)
+    if entry is not None and entry.kind == "instance":
+        _qc_instances(model_name, image, seg, resolved, json_out, heatmap_out)
+        return
+    if heatmap_out is not None:
+        raise InputError("--heatmap", f"model {model_name} scores slices, not patches: the heat map is for instance models")
+    img, _, mask, segment = _load_pair(image, seg, label)
     if entry is not None and pgt_out is not None and entry.kind != "reconstruction":
         raise InputError("--pgt", f"model {model_name} gives no pseudo ground truth")
     qc_model = load_model(model_name, resolved)
@@ -134,6 +145,37 @@ def qc_cmd(
         write_json(result.to_json_dict(), json_out, inputs)
     if pgt_out is not None and result.pgt is not None:
         write_mask(result.pgt, img.grid, pgt_out, inputs)
+
+
+def _qc_instances(model_name: str, image: Path, labels: Path, device: str, json_out: Optional[Path],
+                  heatmap_out: Optional[Path]) -> None:
+    """`segqc qc` with an instance model: per-patch table, image score, JSON and heat map."""
+    from .io import atomic_output
+    from .train.qanet_cli import qc_instances
+
+    result = qc_instances(model_name, image, labels, device=device)
+    table = Table(title=f"{result.model} — patches", show_lines=False)
+    corner = [k for k in ("z0", "y0", "x0") if result.patches and k in result.patches[0]]
+    for column in (*corner, "size", "instances", "pred SEG"):
+        table.add_column(column, justify="right")
+    for row in sorted(result.patches, key=lambda r: r["seg"]):
+        table.add_row(*(str(row[k]) for k in corner), str(row["size"]), str(row["n_instances"]), _fmt(float(row["seg"])))
+    console.print(table)
+    console.print(f"image SEG (predicted): {_fmt(float(result.image_score))} from {len(result.patches)} patches; "
+                  f"runtime {result.runtime_s:.2f} s")
+    if json_out:
+        write_json(result.to_json_dict(), json_out, (image, labels))
+    if heatmap_out:
+        import SimpleITK as sitk
+        import tifffile
+
+        suffix = "".join(heatmap_out.suffixes[-2:]) if heatmap_out.name.endswith(".gz") else heatmap_out.suffix
+        with atomic_output(heatmap_out, suffix) as tmp:
+            if heatmap_out.suffix.lower() in (".tif", ".tiff"):
+                tifffile.imwrite(tmp, result.heatmap.astype("float32"))
+            else:
+                sitk.WriteImage(sitk.GetImageFromArray(result.heatmap.astype("float32")), str(tmp))
+        console.print(f"heat map: {heatmap_out}")
 
 
 @app.command("metrics")
@@ -393,8 +435,21 @@ def eval_cmd(
             raise InputError(model, f"unknown model (installed: {names})")
         card = found[0]
     _check_new_output(json_out, (card,))
-    results = evaluate_model(card, data, tuple(split), device=resolve_device(device), log=console.print)
-    console.print(format_report(results))
+    try:
+        architecture = json.loads(card.read_text()).get("architecture")
+    except (OSError, ValueError):
+        raise InputError(card, "is not a readable model card (JSON)") from None
+    if architecture == "qanet":
+        from .train import qanet_cli
+
+        results = qanet_cli.evaluate_qanet(card, None if data == Path("runs/eval-data") else data,
+                                           device=resolve_device(device), log=console.print)
+        console.print(qanet_cli.format_report(results))
+    elif architecture == "sentinel":
+        results = evaluate_model(card, data, tuple(split), device=resolve_device(device), log=console.print)
+        console.print(format_report(results))
+    else:
+        raise InputError(card, f"no evaluation for architecture {architecture!r}")
     if json_out:
         write_json(results, json_out, (card,))
 
