@@ -413,6 +413,39 @@ def train_sentinel_cmd(
         console.print(f"installed: {write_card(best, shipped / name, name, results, extra)}")
 
 
+@train_app.command("nnqc")
+def train_nnqc_cmd(
+    out: Path = typer.Option(Path("runs/nnqc"), "--out", help="Run folder: checkpoints per stage, best model, card."),
+    structure: str = typer.Option("Brain", "--structure", help="Structure of the model (one model per structure): Brain or an AAL name."),
+    dae_steps: int = typer.Option(150, "--dae-steps", help="Steps of the image denoising autoencoder (expert E2)."),
+    vae_steps: int = typer.Option(500, "--vae-steps", help="Steps of the mask VAE-GAN (stage 1)."),
+    ldm_steps: int = typer.Option(4000, "--ldm-steps", help="Steps of the latent diffusion model (stage 2); more continues a run."),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    val_every: int = typer.Option(1000, "--val-every", help="Validate (and keep the best) every N steps."),
+    threads: int = typer.Option(1, "--threads", help="torch CPU threads (1 was 8x faster than 2 on a busy 2-core machine)."),
+    device: str = typer.Option("auto", "--device"),
+    install: bool = typer.Option(False, "--install", help="Copy the trained model into Resources/Models."),
+) -> None:
+    """Train nnQC (DAE image expert, VAE-GAN, LDM with the Team of Experts) on the real MRI of DATA.md;
+    resumes from OUT (finished stages are skipped); Ctrl-C or kill saves a checkpoint first."""
+    import shutil
+
+    from .train.nnqc_cli import default_strip_prob, train_nnqc
+    from .train.nnqc_train import TrainOptions
+
+    options = TrainOptions(dae_steps=dae_steps, vae_steps=vae_steps, ldm_steps=ldm_steps, batch_size=batch_size,
+                           val_every=val_every, val_samples=96, adv_start=min(150, vae_steps // 3),
+                           strip_prob=default_strip_prob(structure), threads=threads)
+    card = train_nnqc(out, structure, options=options, device=device, log=console.print)
+    console.print(f"model card: {card}")
+    if install:
+        shipped = Path(__file__).resolve().parents[1] / "Resources" / "Models"
+        weights = json.loads(Path(card).read_text())["weights"]
+        for file in (Path(card), Path(card).parent / weights):
+            shutil.copy2(file, shipped / file.name)
+        console.print(f"installed into {shipped}")
+
+
 @app.command("eval")
 def eval_cmd(
     model: str = typer.Argument(..., help="Installed model name or a model card (.json)."),
@@ -445,6 +478,11 @@ def eval_cmd(
         results = qanet_cli.evaluate_qanet(card, None if data == Path("runs/eval-data") else data,
                                            device=resolve_device(device), log=console.print)
         console.print(qanet_cli.format_report(results))
+    elif architecture == "nnqc":
+        from .train import nnqc_cli
+
+        results = nnqc_cli.evaluate_nnqc(card, device=resolve_device(device), log=console.print)
+        console.print(nnqc_cli.format_report(results))
     elif architecture == "sentinel":
         results = evaluate_model(card, data, tuple(split), device=resolve_device(device), log=console.print)
         console.print(format_report(results))
