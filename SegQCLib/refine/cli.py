@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from .loop import DEFAULT_MAX_ITERATIONS, RefineResult
+from .prompts import STRATEGIES
 from .segmenters import SEGMENTERS
 
 
@@ -29,7 +30,7 @@ def refine_command(image: Path, seg: Path | None, out: Path, *, segmenter: str =
                    checkpoint: Path | None = None, threshold: float = 0.8, model: str = "atlas-brain-mr",
                    label: str | None = None, name: str | None = None, json_out: Path | None = None,
                    device: str = "auto", max_iterations: int = DEFAULT_MAX_ITERATIONS,
-                   only_flagged: bool = True) -> RefineResult:
+                   only_flagged: bool = True, strategy: str | None = None) -> RefineResult:
     """HERMES on files: read, refine, write ``out`` (bool mask as a 0/1 uint8 label file on the image grid).
 
     Args:
@@ -48,6 +49,8 @@ def refine_command(image: Path, seg: Path | None, out: Path, *, segmenter: str =
         device: ``auto``, ``cpu`` or ``cuda`` for the QC model and MedSAM.
         max_iterations: refinement iterations per slice at most (the paper: 20).
         only_flagged: refine only flagged slices (False: every slice with mask or pGT).
+        strategy: prompt strategy (``box``, ``scribbles``, ``clicks``); None: the segmenter's own
+            (GrabCut and MedSAM ``box``, random walker ``scribbles``). MedSAM reads boxes only.
 
     Returns:
         The :class:`~SegQCLib.refine.loop.RefineResult` (refined mask, traces, the QC result).
@@ -72,6 +75,8 @@ def refine_command(image: Path, seg: Path | None, out: Path, *, segmenter: str =
         raise InputError("--checkpoint", "the medsam segmenter needs a local checkpoint (medsam_vit_b.pth)")
     if not 0.0 < threshold <= 1.0:
         raise InputError("--threshold", f"must be in (0, 1], got {threshold}")
+    if strategy is not None and strategy not in STRATEGIES:
+        raise InputError("--strategy", f"unknown prompt strategy {strategy!r} (choose {', '.join(STRATEGIES)})")
     if max_iterations < 1:
         raise InputError("--max-iterations", f"must be at least 1, got {max_iterations}")
     entry = {e.name: e for e in available_models()}.get(model)
@@ -95,10 +100,10 @@ def refine_command(image: Path, seg: Path | None, out: Path, *, segmenter: str =
     prompt_segmenter = segmenter_from_name(segmenter, checkpoint, resolved)
     qc_model = load_model(model, resolved)
     result = refine_volume(volume, mask, structure, qc_model, prompt_segmenter, threshold=threshold,
-                           only_flagged=only_flagged, max_iterations=max_iterations)
+                           only_flagged=only_flagged, max_iterations=max_iterations, strategy=strategy)
     write_mask(result.mask, volume.grid, out, inputs)
     if json_out is not None:
         data = {"image": str(image), "segmentation": str(seg) if seg else None, "output": str(out),
-                "segmenter": segmenter, **result.to_json_dict()}
+                "segmenter": segmenter, "strategy": strategy or prompt_segmenter.strategy, **result.to_json_dict()}
         write_bytes_atomic(json_out, json.dumps(json_value(data), indent=2))
     return result

@@ -81,14 +81,33 @@ class SliceTrace:
 def refine_slice(image: np.ndarray, score_fn: ScoreFn, segmenter: Segmenter, *,
                  threshold: float = DEFAULT_FLAG_THRESHOLD, patience: int = DEFAULT_PATIENCE,
                  max_iterations: int = DEFAULT_MAX_ITERATIONS, initial_mask: np.ndarray | None = None,
-                 rng: np.random.Generator | None = None, index: int = 0,
+                 strategy: str | None = None, rng: np.random.Generator | None = None, index: int = 0,
                  on_iteration: Callable[[SliceTrace], None] | None = None) -> SliceTrace:
-    """Refine one slice (``image`` (y, x)); see the module docstring. ``on_iteration(trace)`` is
-    called after every segmentation (for live display of prompts)."""
+    """Refine one slice; see the module docstring.
+
+    Args:
+        image: the slice, float (y, x), any intensity range.
+        score_fn: ``score_fn(mask (y, x) bool) -> (pseudo-DSC, pGT (y, x) bool)``.
+        segmenter: a :class:`~SegQCLib.refine.segmenters.Segmenter`.
+        threshold: stop once the best pseudo-DSC reaches it.
+        patience: stop after this many iterations without a better pseudo-DSC (paper: 10).
+        max_iterations: stop after this many refinements in all (paper: 20).
+        initial_mask: bool (y, x) to start from (copied, never modified); None segments with the
+            paper's initial prompts for ``strategy`` (box over the whole slice, random scribbles or
+            random clicks, drawn from ``rng``).
+        strategy: ``box``, ``scribbles`` or ``clicks``; None takes ``segmenter.strategy``.
+        rng: random generator of the initial prompts (default: seeded with 0).
+        index: the slice's index, recorded in the trace.
+        on_iteration: called with the trace after every segmentation (live display of prompts).
+
+    Returns:
+        The :class:`SliceTrace`; ``trace.best_mask`` is the mask with the highest pseudo-DSC.
+    """
     rng = rng or np.random.default_rng(0)
+    strategy = strategy or segmenter.strategy
     trace = SliceTrace(index)
     if initial_mask is None:
-        prompts = initial_prompts(segmenter.strategy, image.shape, rng)
+        prompts = initial_prompts(strategy, image.shape, rng)
         mask = np.asarray(segmenter.segment(image, prompts), bool)
     else:
         prompts, mask = None, np.asarray(initial_mask, bool).copy()
@@ -112,7 +131,7 @@ def refine_slice(image: np.ndarray, score_fn: ScoreFn, segmenter: Segmenter, *,
         if not pgt.any():
             trace.stop_reason = "the pGT is empty: no prompt can be derived"
             break
-        prompts = prompts_from_pgt(segmenter.strategy, pgt, mask)
+        prompts = prompts_from_pgt(strategy, pgt, mask)
         clicks = [p for p in prompts.points if p not in clicks] + clicks  # clicks accumulate, as a user's do
         prompts.points = clicks
         mask = np.asarray(segmenter.segment(image, prompts, previous=mask), bool)
@@ -137,6 +156,11 @@ class RefineResult:
     qc: QCResult
     threshold: float
 
+    @property
+    def slices(self) -> list[int]:
+        """Indices of the axial slices the loop touched, in the order refined."""
+        return [t.index for t in self.traces]
+
     def to_json_dict(self) -> dict[str, Any]:
         traces = [t.to_json_dict() for t in self.traces]
         return {"model": self.qc.model, "label": self.qc.label, "threshold": self.threshold,
@@ -153,19 +177,34 @@ def refine_volume(image: Volume, mask: np.ndarray | None, label: str, qc_model, 
                   threshold: float = DEFAULT_FLAG_THRESHOLD, only_flagged: bool = True,
                   slices: list[int] | None = None, patience: int = DEFAULT_PATIENCE,
                   max_iterations: int = DEFAULT_MAX_ITERATIONS, rescore: str = "pgt", seed: int = 0,
-                  progress: Callable[[int, int], None] | None = None,
+                  strategy: str | None = None, progress: Callable[[int, int], None] | None = None,
                   on_iteration: Callable[[SliceTrace], None] | None = None) -> RefineResult:
-    """HERMES on a volume: refine the axial slices (``array[k]``) the QC model flags.
+    """HERMES on a volume: refine the axial slices (``array[k]``, (y, x)) the QC model flags.
 
     Args:
-        image: the volume; mask: bool (z, y, x) to correct, or None to segment from scratch.
+        image: the volume (z, y, x).
+        mask: bool (z, y, x) on ``image``'s grid to correct (copied, never modified), or None to
+            segment from scratch with the segmenter's initial prompts.
         label: the structure's name (the QC model needs it).
-        qc_model: a QC model whose results carry a pGT (``kind`` "reconstruction").
-        only_flagged: refine only slices flagged below ``threshold`` (else every slice with mask or pGT).
-        slices: refine exactly these slices instead.
-        rescore: ``"pgt"`` (DSC against the first pGT) or ``"model"`` (run the QC model per candidate).
+        qc_model: a QC model whose result carries a pGT (bool (z, y, x), ``kind`` "reconstruction"),
+            run once on ``mask`` (an empty mask when None) to flag slices and get the pGT.
+        threshold: flag slices whose pseudo-DSC is below it; each slice's loop stops when reached.
+        only_flagged: refine only the flagged slices (else every slice with mask or pGT). Without a
+            mask, every slice where the pGT holds the structure is refined.
+        slices: refine exactly these slice indices instead.
+        patience, max_iterations: stopping rules of :func:`refine_slice` (paper: 10 and 20).
+        rescore: ``"pgt"``: a candidate's pseudo-DSC is its DSC against the first pGT's slice, exact
+            for models whose pGT does not depend on the mask checked (``atlas-brain-mr``);
+            ``"model"``: the QC model is run again on the volume with the candidate in place, for
+            models whose pGT does (nnQC), using its slice score and pGT.
+        seed: seed of the initial prompts' random generator.
+        strategy: prompt strategy (``box``, ``scribbles``, ``clicks``); None: the segmenter's.
         progress: ``progress(done, total)`` after each slice.
-    The input ``mask`` is never modified.
+        on_iteration: passed to :func:`refine_slice`.
+
+    Returns:
+        :class:`RefineResult`: the refined mask (bool (z, y, x), the input's other slices unchanged),
+        one :class:`SliceTrace` per refined slice, the first QC result.
     """
     if rescore not in ("pgt", "model"):
         raise ValueError(f"rescore must be 'pgt' or 'model', got {rescore!r}")
@@ -201,7 +240,7 @@ def refine_volume(image: Volume, mask: np.ndarray | None, label: str, qc_model, 
                 return _pseudo_dsc(candidate, pgt[k]), pgt[k]
         trace = refine_slice(image.array[k], score_fn, segmenter, threshold=threshold, patience=patience,
                              max_iterations=max_iterations, initial_mask=None if mask is None else start_mask[k],
-                             rng=rng, index=int(k), on_iteration=on_iteration)
+                             strategy=strategy, rng=rng, index=int(k), on_iteration=on_iteration)
         refined[k] = trace.best_mask
         traces.append(trace)
         if progress:

@@ -166,7 +166,7 @@ class MedSAMSegmenter:
             raise InputError(checkpoint, "MedSAM checkpoint not found (give the path of medsam_vit_b.pth)")
         try:
             state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        except Exception as err:  # torch raises several types for corrupt or unsafe files
+        except Exception as err:  # noqa: BLE001 (torch raises several types for corrupt or unsafe files)
             raise InputError(checkpoint, f"cannot read the checkpoint ({type(err).__name__}: {err})") from None
         if isinstance(state, dict) and isinstance(state.get("model"), dict):
             state = state["model"]
@@ -174,7 +174,7 @@ class MedSAMSegmenter:
             raise InputError(checkpoint, "is not a state dict of a SAM ViT-B model")
         sam = sam_model_registry["vit_b"](checkpoint=None)
         try:
-            missing, unexpected = sam.load_state_dict(state, strict=False)
+            missing, _unexpected = sam.load_state_dict(state, strict=False)
         except RuntimeError as err:  # shape mismatches
             raise InputError(checkpoint, f"does not fit SAM ViT-B ({str(err).splitlines()[0]})") from None
         if missing:
