@@ -17,6 +17,7 @@ from ..qc import register_model
 #: architecture -> (module, loader function taking (card_path, device), kind)
 LOADERS = {
     "sentinel": ("SegQCLib.models.sentinel", "load_model", "regressor"),
+    "qanet": ("SegQCLib.models.qanet", "load_model", "instance"),
     "nnqc": ("SegQCLib.models.nnqc", "load_model", "reconstruction"),
 }
 

@@ -1,0 +1,225 @@
+"""Plain functions behind `segqc train qanet`, `segqc eval <qanet card>` and `segqc qc --model qanet-...`.
+
+- :func:`train_qanet` builds (or reuses) the simulated train/val/test patches, trains, evaluates on
+  the held-out simulated test split and writes ``OUT/<name>.json`` + ``.safetensors``.
+- :func:`evaluate_qanet` re-evaluates any QANet card on its held-out simulated test split (rebuilt
+  from the seeds stored in the card when not cached).
+- :func:`qc_instances` scores an image + instance-label file pair.
+- :func:`ship_model` copies trained weights (float16) with a completed model card.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError
+from ..models.qanet import QANetConfig, QANetQC, QANetResult, load_model
+from .qanet_data import SPLIT_SEEDS, QANetSamples, balance, generate_samples, seg_histogram
+
+#: Default sizes per dimensionality: simulated images per split, balanced training patches, epochs,
+#: patch side, width, rib convs, nucleus radius range (px) and the matching diameter range.
+DEFAULTS: dict[int, dict[str, Any]] = {
+    2: {"train": 1600, "val": 120, "test": 150, "train_patches": 24000, "epochs": 12, "patch": 64, "width": 0.5,
+        "rib_convs": 1, "batch_size": 64, "radius_range": (5.0, 15.0), "diameter_range": (10.0, 30.0)},
+    3: {"train": 520, "val": 40, "test": 60, "train_patches": 8000, "epochs": 14, "patch": 24, "width": 0.25,
+        "rib_convs": 1, "batch_size": 32, "radius_range": (4.5, 8.5), "diameter_range": (8.0, 17.0)},
+}
+
+
+def sample_set(data_dir: Path, dims: int, split: str, n_images: int, patch: int,
+               targets: tuple[str, ...] = ("seg", "nemhd"), progress: bool = True, log=print) -> QANetSamples:
+    """The (unbalanced) patches of ``split`` (train / val / test), built once and cached in ``data_dir``."""
+    if split not in SPLIT_SEEDS:
+        raise InputError(split, f"unknown split (choose {', '.join(SPLIT_SEEDS)})")
+    data_dir = Path(data_dir)
+    path = data_dir / f"{split}-{dims}d-p{patch}-n{n_images}-{'+'.join(targets)}.npz"
+    if path.exists():
+        return QANetSamples.load(path)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log(f"simulating {n_images} {dims}D images for the {split} split -> {path}")
+    radius_range = DEFAULTS[dims]["radius_range"]
+    samples = generate_samples(dims, n_images, seed=SPLIT_SEEDS[split], patch=patch, radius_range=radius_range,
+                               targets=targets, progress=progress)
+    samples.save(path)
+    log(f"  {len(samples)} patches, SEG histogram {seg_histogram(samples.seg)}")
+    return samples
+
+
+def train_qanet(out: Path, dims: int = 2, name: str | None = None, fusion: str = "ribcage",
+                encoding: str = "trinary", width: float | None = None, patch: int | None = None,
+                epochs: int | None = None, batch_size: int | None = None, lr: float = 2e-3,
+                targets: tuple[str, ...] = ("seg", "nemhd"), train_images: int | None = None,
+                val_images: int | None = None, test_images: int | None = None, train_patches: int | None = None,
+                data_dir: Path | None = None, threads: int = 1, device: str = "auto",
+                max_minutes: float | None = None, seed: int = 0, progress: bool = True, log=print) -> tuple[Path, dict]:
+    """Train a QANet on simulated nuclei and write ``out/<name>.{json,safetensors}``.
+
+    Args:
+        out: run folder (checkpoint.pt, history.json, best.*, the final card); rerun to resume.
+        dims: 2 or 3. name: model name (default ``qanet-nuclei-<dims>d``).
+        fusion / encoding: ``ribcage|naive|siamese`` / ``trinary|binary`` (ablations).
+        width, patch, epochs, batch_size, lr, train/val/test_images, train_patches: override
+            :data:`DEFAULTS`. targets: predicted measures (``"seg"`` first).
+        data_dir: sample cache (default ``out/../qanet-data``, shared by runs).
+        threads: torch CPU threads; device: auto | cpu | cuda; max_minutes: stop after the epoch
+            that passes this wall-clock budget.
+
+    Returns:
+        (card path, held-out simulated test report: per target n, lcc, srocc, mae, rmse, bias, auc).
+    """
+    from .qanet_train import QANetTrainOptions, train
+    from ..models.qanet import save_model
+
+    if dims not in DEFAULTS:
+        raise InputError("--dims", f"must be 2 or 3, got {dims}")
+    d = DEFAULTS[dims]
+    out = Path(out)
+    data_dir = Path(data_dir) if data_dir else out.parent / "qanet-data"
+    name = name or f"qanet-nuclei-{dims}d"
+    patch = int(patch or d["patch"])
+    config = QANetConfig(dims=dims, fusion=fusion, encoding=encoding, width=float(width or d["width"]),
+                         rib_convs=d["rib_convs"], patch=patch, targets=tuple(targets),
+                         diameter_range=d["diameter_range"])
+    n_img = {"train": train_images or d["train"], "val": val_images or d["val"], "test": test_images or d["test"]}
+    pool = sample_set(data_dir, dims, "train", n_img["train"], patch, progress=progress, log=log)
+    train_set = balance(pool, n=min(train_patches or d["train_patches"], len(pool)), seed=seed)
+    val_set = sample_set(data_dir, dims, "val", n_img["val"], patch, progress=progress, log=log)
+    log(f"training patches (balanced): {len(train_set)}, SEG histogram {seg_histogram(train_set.seg)}")
+    options = QANetTrainOptions(epochs=int(epochs or d["epochs"]), batch_size=int(batch_size or d["batch_size"]),
+                                lr=lr, seed=seed, threads=threads, device=device, max_minutes=max_minutes)
+    best = train(out, train_set, val_set, config, options, progress=progress, log=log)
+    model = load_model(best, device)
+    test_set = sample_set(data_dir, dims, "test", n_img["test"], patch, progress=progress, log=log)
+    from .qanet_train import evaluate_model
+
+    report = evaluate_model(model, test_set)
+    card = json.loads(best.read_text())
+    card.update({
+        "name": name,
+        "description": f"QANet {dims}D ({fusion}, {encoding}): predicted SEG of fluorescence-nuclei instance "
+                       "segmentations, trained on simulated nuclei only",
+        "priority": 0,
+        "metrics": {"test_simulated": report},
+        "data": {"simulator": "SegQCLib.data.cells (parameters randomised around cells3d and the scratch assay)",
+                 "images": n_img, "seeds": dict(SPLIT_SEEDS), "patch": patch,
+                 "radius_range_px": list(d["radius_range"]), "train_patches": len(train_set),
+                 "train_seg_histogram": seg_histogram(train_set.seg), "test_patches": len(test_set),
+                 "test_seg_histogram": seg_histogram(test_set.seg)},
+        "training": {k: v for k, v in options.__dict__.items()},
+    })
+    net = model.net.cpu()
+    card_path = save_model(net, config, out / name, card)
+    log(format_report({"test_simulated": report}))
+    return card_path, report
+
+
+def evaluate_qanet(card: str | Path, data_dir: Path | None = None, device: str = "auto", progress: bool = True,
+                   log=print) -> dict[str, Any]:
+    """Agreement (Pearson r, SROCC, MAE, RMSE, bias, hit-rate AUC per target, SEG by perturbation kind) of
+    a QANet card on its held-out simulated test split, rebuilt from the seeds in the card when not
+    cached in ``data_dir`` (default ``runs/qanet-data``). Returns ``{"test_simulated": report}``."""
+    from .qanet_train import evaluate_model
+
+    card = Path(card)
+    model = load_model(card, device)
+    info = model.card.get("data", {})
+    dims = model.config.dims
+    n_images = int(info.get("images", {}).get("test", DEFAULTS[dims]["test"]))
+    data_dir = Path(data_dir) if data_dir else Path("runs") / "qanet-data"
+    test_set = sample_set(data_dir, dims, "test", n_images, model.config.patch, progress=progress, log=log)
+    return {"test_simulated": evaluate_model(model, test_set)}
+
+
+def format_report(results: dict[str, Any]) -> str:
+    """Plain-text table: split, target, n, Pearson r, SROCC, MAE, RMSE, bias, AUC; then SEG by kind."""
+    lines = [f"{'split':<16}{'target':<8}{'n':>7}{'r':>8}{'SROCC':>8}{'MAE':>8}{'RMSE':>8}{'bias':>8}{'AUC':>8}"]
+    for split, report in results.items():
+        for target, r in report.items():
+            if target == "by_kind":
+                continue
+            lines.append(f"{split:<16}{target:<8}{r['n']:>7}{r['lcc']:>8.3f}{r['srocc']:>8.3f}{r['mae']:>8.3f}"
+                         f"{r['rmse']:>8.3f}{r['bias']:>+8.3f}{r['auc']:>8.3f}")
+        kinds = ", ".join(f"{k}: true {v['mean_true']:.2f} / pred {v['mean_pred']:.2f} (MAE {v['mae']:.3f})"
+                          for k, v in report.get("by_kind", {}).items())
+        lines.append(f"{'':<16}SEG by kind — {kinds}")
+    return "\n".join(lines)
+
+
+def read_instance_image(path: str | Path) -> np.ndarray:
+    """A 2D or 3D array from a TIFF (tifffile, singleton axes squeezed) or any SimpleITK-readable file
+    (NIfTI, NRRD, MHA, PNG...; (z, y, x) order). Raises InputError when unreadable or not 2D/3D."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "no such file")
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            import tifffile
+
+            array = np.asarray(tifffile.imread(str(path)))
+        else:
+            import SimpleITK as sitk
+
+            array = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+    except Exception as err:  # readers raise many types for corrupt files
+        raise InputError(path, f"cannot read image ({str(err).splitlines()[0][:200]})") from None
+    array = np.squeeze(array)
+    if array.ndim not in (2, 3):
+        raise InputError(path, f"expected a 2D or 3D image, got shape {array.shape} (split channels/time first)")
+    return array
+
+
+def qc_instances(model: str | Path | QANetQC, image: str | Path | np.ndarray, labels: str | Path | np.ndarray,
+                 patch: int | None = None, overlap: float = 0.5, scale: float | None = None,
+                 device: str = "auto") -> QANetResult:
+    """Score an instance segmentation: ``model`` is a loaded QANetQC, a card path, or a registered
+    name (``qanet-nuclei-2d``); ``image`` / ``labels`` arrays or file paths (:func:`read_instance_image`).
+    Returns the :class:`~SegQCLib.models.qanet.QANetResult` (``.to_json_dict()`` for the CLI)."""
+    if isinstance(model, QANetQC):
+        qc = model
+    elif isinstance(model, Path) or str(model).endswith(".json"):
+        qc = load_model(model, device)
+    else:
+        from ..qc import load_model as load_registered
+
+        qc = load_registered(str(model), device)  # type: ignore[assignment]
+        if not isinstance(qc, QANetQC):
+            raise InputError(str(model), "is not a QANet (instance segmentation) model")
+    image_array = read_instance_image(image) if isinstance(image, (str, Path)) else np.asarray(image)
+    label_array = read_instance_image(labels) if isinstance(labels, (str, Path)) else np.asarray(labels)
+    return qc.assess_instances(image_array, label_array, patch, overlap=overlap, scale=scale)
+
+
+def ship_model(card: str | Path, out_stem: str | Path, name: str, extra: dict[str, Any] | None = None) -> Path:
+    """Copy a trained QANet (``card`` + its weights) to ``out_stem.{json,safetensors}`` as float16,
+    renamed ``name``, with ``extra`` merged into the card (e.g. the real-data table)."""
+    from safetensors.torch import load_file, save_file
+
+    card = Path(card)
+    data = json.loads(card.read_text())
+    out_stem = Path(out_stem)
+    out_stem.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.half() if v.is_floating_point() else v for k, v in load_file(str(card.parent / data["weights"])).items()}
+    save_file(state, str(out_stem.with_suffix(".safetensors")))
+    data.update(extra or {})
+    data.update({"name": name, "weights": out_stem.with_suffix(".safetensors").name})
+    out_stem.with_suffix(".json").write_text(json.dumps(_finite(data), indent=2))
+    return out_stem.with_suffix(".json")
+
+
+def _finite(value: Any) -> Any:
+    """JSON-safe copy: NaN/inf -> None."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+__all__ = ["DEFAULTS", "sample_set", "train_qanet", "evaluate_qanet", "format_report", "read_instance_image",
+           "qc_instances", "ship_model"]

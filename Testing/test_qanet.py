@@ -1,0 +1,264 @@
+"""QANet: nuclei simulator, trinary encoding, RibCage wiring, training, save/load, tiling, input checks."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage as ndi
+
+from SegQCLib.data.cells import simulate_cells
+from SegQCLib.errors import InputError
+from SegQCLib.models.qanet import (QANetConfig, QANetQC, RibCageNet, build_network, count_parameters,
+                                   encode_segmentation, load_model, save_model, tile_starts, trinary)
+
+TINY = dict(width=0.125, rib_convs=1, fc=(32, 32))
+
+
+# ------------------------------------------------------------------------------------ simulator
+@pytest.mark.parametrize("shape", [(96, 128), (24, 64, 64)])
+def test_simulator_gives_exact_instance_ground_truth(shape) -> None:
+    radius = 9.0 if len(shape) == 2 else 7.0
+    image, labels = simulate_cells(shape, 6, seed=3, radius=radius, max_overlap=0.1)
+    assert image.shape == labels.shape == shape
+    assert image.dtype == np.float32 and labels.dtype == np.uint16
+    ids = np.unique(labels)
+    n = int(labels.max())
+    assert n == 6  # sparse enough that every nucleus is placed
+    assert np.array_equal(ids, np.arange(n + 1))  # consecutive, background 0
+    for value in range(1, n + 1):  # each instance one face-connected piece
+        assert ndi.label(labels == value)[1] == 1
+    inside, outside = image[labels > 0].mean(), image[ndi.binary_dilation(labels > 0, iterations=3) == 0].mean()
+    assert inside > 1.5 * outside
+    again_image, again_labels = simulate_cells(shape, 6, seed=3, radius=radius, max_overlap=0.1)
+    assert np.array_equal(again_labels, labels) and np.array_equal(again_image, image)
+    assert not np.array_equal(simulate_cells(shape, 6, seed=4, radius=radius)[1], labels)
+
+
+def test_simulator_makes_touching_nuclei_when_crowded() -> None:
+    _, labels = simulate_cells((96, 96), 40, seed=0, radius=8.0, max_overlap=0.2)
+    grown = ndi.grey_dilation(labels, size=3)
+    touching = (grown != labels) & (labels > 0) & (grown > 0)
+    assert touching.any()
+
+
+# ------------------------------------------------------------------------------------ encodings
+def test_trinary_on_hand_made_labels() -> None:
+    labels = np.zeros((6, 8), np.int32)
+    labels[1:5, 1:4] = 1
+    labels[1:5, 4:7] = 2  # touches instance 1 along x = 3|4
+    tri = trinary(labels)
+    expected = np.array([
+        [0, 0, 0, 0, 0, 0, 0, 0],
+        [0, 2, 2, 2, 2, 2, 2, 0],
+        [0, 2, 1, 2, 2, 1, 2, 0],
+        [0, 2, 1, 2, 2, 1, 2, 0],
+        [0, 2, 2, 2, 2, 2, 2, 0],
+        [0, 0, 0, 0, 0, 0, 0, 0]], np.uint8)
+    assert np.array_equal(tri, expected)
+    # the array border is not a boundary; binary encoding loses the separation of touching instances
+    full = trinary(np.ones((3, 3), np.int32))
+    assert np.all(full == 1)
+    assert encode_segmentation(tri, "trinary").shape == (2, 6, 8)
+    binary = encode_segmentation(tri, "binary")
+    assert binary.shape == (1, 6, 8) and binary[0, 2, 3] == binary[0, 2, 4] == 1
+    tri3 = trinary(np.pad(np.ones((3, 3, 3), np.int32), 1))
+    assert tri3[2, 2, 2] == 1 and tri3[1, 1, 1] == 2 and tri3[0, 0, 0] == 0
+
+
+# ------------------------------------------------------------------------------------ network
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("fusion", ["ribcage", "naive", "siamese"])
+@pytest.mark.parametrize("encoding", ["trinary", "binary"])
+def test_forward_shapes(dims, fusion, encoding) -> None:
+    config = QANetConfig(dims=dims, fusion=fusion, encoding=encoding, patch=16, targets=("seg", "nemhd"), **TINY)
+    net = build_network(config).eval()
+    x = torch.rand((3, 1) + (16,) * dims)
+    s = torch.rand((3, config.seg_channels) + (16,) * dims)
+    out = net(x, s)
+    assert out.shape == (3, 2)
+    assert torch.all((out >= 0) & (out <= 1))
+
+
+def test_ablation_networks_have_matched_parameter_counts() -> None:
+    counts = {f: count_parameters(build_network(QANetConfig(fusion=f, width=0.25))) for f in ("ribcage", "naive", "siamese")}
+    for fusion in ("naive", "siamese"):
+        assert abs(counts[fusion] - counts["ribcage"]) / counts["ribcage"] < 0.05, counts
+
+
+def test_ribcage_spine_is_fed_by_the_segmentation_rib_and_siamese_is_not() -> None:
+    torch.manual_seed(0)
+    rib = build_network(QANetConfig(fusion="ribcage", **TINY)).eval()
+    siam = build_network(QANetConfig(fusion="siamese", **TINY)).eval()
+    x = torch.rand(2, 1, 32, 32)
+    s1 = torch.zeros(2, 2, 32, 32)
+    s2 = s1.clone()
+    s2[:, 0, 8:24, 8:24] = 1.0
+    # ribcage: every spine block has a segmentation branch, and the first spine block's output moves with the mask
+    assert all(block.from_seg is not None for block in rib.spine)
+    seen = []
+    hook = rib.spine[0].register_forward_hook(lambda m, i, o: seen.append(o.detach()))
+    rib(x, s1), rib(x, s2)
+    hook.remove()
+    assert not torch.allclose(seen[0], seen[1])
+    # the gradient of the output reaches the spine's segmentation weights of every block
+    rib.zero_grad()
+    rib(x, s2).sum().backward()
+    assert all(block.from_seg.weight.grad.abs().sum() > 0 for block in rib.spine)
+    # siamese: no spine; the image rib never sees the mask, the ribs meet only at the FC head
+    assert not hasattr(siam, "spine")
+    feats = []
+    hook = siam.rib_image[-1].register_forward_hook(lambda m, i, o: feats.append(o.detach()))
+    out1, out2 = siam(x, s1), siam(x, s2)
+    hook.remove()
+    assert torch.allclose(feats[0], feats[1])
+    assert not torch.allclose(out1, out2)
+    assert siam.head[0].in_features == 2 * siam.widths[-1]
+
+
+# ------------------------------------------------------------------------------------ training
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> tuple[Path, object]:
+    from SegQCLib.train.qanet_data import generate_samples
+    from SegQCLib.train.qanet_train import QANetTrainOptions, train
+
+    kw = dict(patch=32, image_shape=(96, 96), radius_range=(4.0, 8.0), targets=("seg",), progress=False)
+    train_set = generate_samples(2, 32, seed=10, **kw)
+    val_set = generate_samples(2, 8, seed=11, **kw)
+    test_set = generate_samples(2, 8, seed=12, **kw)
+    out = tmp_path_factory.mktemp("qanet")
+    config = QANetConfig(dims=2, patch=32, diameter_range=(8.0, 16.0), **TINY)
+    options = QANetTrainOptions(epochs=8, batch_size=32, lr=3e-3, seed=0, threads=1, device="cpu")
+    threads = torch.get_num_threads()
+    try:
+        best = train(out, train_set, val_set, config, options, progress=False, log=lambda *a: None)
+    finally:
+        torch.set_num_threads(threads)  # training uses 1 thread; leave the process as it was
+    return best, test_set
+
+
+def test_tiny_model_learns_seg_on_held_out_simulations(tiny_model) -> None:
+    from SegQCLib.train.qanet_train import predict_samples
+
+    best, test_set = tiny_model
+    model = load_model(best, "cpu")
+    r_trained = np.corrcoef(predict_samples(model.net, test_set, "trinary")[:, 0], test_set.seg)[0, 1]
+    torch.manual_seed(0)
+    fresh = build_network(model.config)
+    r_random = np.corrcoef(predict_samples(fresh, test_set, "trinary")[:, 0], test_set.seg)[0, 1]
+    assert r_trained > 0.6, r_trained
+    assert r_random < 0.4, r_random
+    assert (best.parent / "checkpoint.pt").exists()
+    state = torch.load(best.parent / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert state["epoch"] == 8 and state["batch"] == 0
+
+
+def test_save_load_round_trip_gives_identical_outputs(tiny_model, tmp_path) -> None:
+    best, test_set = tiny_model
+    model = load_model(best, "cpu")
+    card = save_model(model.net, model.config, tmp_path / "copy", {"name": "qanet-copy", "metrics": {"r": 0.9}})
+    data = json.loads(card.read_text())
+    assert data["architecture"] == "qanet" and data["name"] == "qanet-copy" and data["dims"] == 2
+    assert data["fusion"] == "ribcage" and data["encoding"] == "trinary" and data["patch"] == 32
+    assert data["priority"] == 0 and (tmp_path / "copy.safetensors").exists()
+    again = load_model(card, "cpu")
+    image = np.random.default_rng(0).normal(size=(80, 96)).astype(np.float32)
+    labels = np.zeros((80, 96), np.int32)
+    labels[10:30, 10:30], labels[40:60, 50:75] = 1, 2
+    a = model.assess_instances(image, labels, scale=1.0)
+    b = again.assess_instances(image, labels, scale=1.0)
+    assert np.array_equal(a.patch_scores, b.patch_scores)
+    # float16 shipping changes outputs only slightly
+    half = load_model(save_model(model.net, model.config, tmp_path / "half", half=True), "cpu")
+    assert np.allclose(half.assess_instances(image, labels, scale=1.0).patch_scores, a.patch_scores, atol=0.02)
+
+
+def test_registry_lists_qanet_cards_as_instance_models(tiny_model, tmp_path, monkeypatch) -> None:
+    from SegQCLib import qc
+    from SegQCLib.models import register_installed_models
+
+    best, _ = tiny_model
+    shutil.copy(best, tmp_path / "qanet-test.json")
+    shutil.copy(best.with_suffix(".safetensors"), tmp_path / "best.safetensors")
+    data = json.loads((tmp_path / "qanet-test.json").read_text())
+    data["name"] = "qanet-test"
+    (tmp_path / "qanet-test.json").write_text(json.dumps(data))
+    monkeypatch.setenv("SEGQC_MODELS_DIR", str(tmp_path))
+    register_installed_models()
+    entry = {m.name: m for m in qc.available_models()}["qanet-test"]
+    assert entry.kind == "instance"
+    assert isinstance(qc.load_model("qanet-test", "cpu"), QANetQC)
+
+
+# ------------------------------------------------------------------------------------ tiling
+def test_tile_starts_cover_the_axis() -> None:
+    for n, p, overlap in [(100, 32, 0.5), (64, 32, 0.0), (33, 32, 0.25), (20, 32, 0.5)]:
+        starts = tile_starts(n, p, overlap)
+        covered = np.zeros(max(n, p), bool)
+        for s in starts:
+            covered[s:s + p] = True
+        assert covered[:n].all() and starts[0] == 0 and starts[-1] == max(0, n - p)
+
+
+def test_tiling_heat_map_matches_patch_scores(tiny_model) -> None:
+    best, _ = tiny_model
+    model = load_model(best, "cpu")
+    image, labels = simulate_cells((96, 64), 8, seed=5, radius=6.0)
+    result = model.assess_instances(image, labels, patch=32, overlap=0.0, scale=1.0)
+    assert len(result.patches) == 6 and result.heatmap.shape == image.shape
+    for row in result.patches:
+        box = (slice(row["y0"], row["y0"] + row["size"]), slice(row["x0"], row["x0"] + row["size"]))
+        assert np.allclose(result.heatmap[box], row["seg"], atol=1e-6)
+    weights = np.array([row["n_instances"] for row in result.patches], float)
+    assert result.image_score == pytest.approx(np.average(result.patch_scores, weights=weights))
+    # overlapping patches: every pixel covered, each the mean of its covering patches
+    result = model.assess_instances(image, labels, patch=32, overlap=0.5, scale=1.0)
+    total, count = np.zeros(image.shape), np.zeros(image.shape)
+    for row in result.patches:
+        box = (slice(row["y0"], row["y0"] + 32), slice(row["x0"], row["x0"] + 32))
+        total[box] += row["seg"]
+        count[box] += 1
+    assert count.min() >= 1
+    assert np.allclose(result.heatmap, total / count, atol=1e-5)
+    payload = result.to_json_dict()
+    assert set(payload) >= {"model", "image_score", "patches"} and "seg" in payload["image_score"]
+    assert set(payload["patches"][0]) == {"y0", "x0", "size", "seg", "n_instances"}
+    json.dumps(payload)
+
+
+def test_rescaling_and_3d_inputs(tiny_model) -> None:
+    best, _ = tiny_model
+    model = load_model(best, "cpu")
+    image, labels = simulate_cells((120, 120), 6, seed=6, radius=20.0)  # larger nuclei than trained on
+    result = model.assess_instances(image, labels)
+    assert result.scale < 1.0 and result.heatmap.shape == image.shape
+    assert not np.isnan(result.heatmap).any()
+    # a 2D model scores the z slices of a volume that hold instances
+    volume, vlabels = simulate_cells((6, 64, 64), 3, seed=7, radius=8.0)
+    result = model.assess_instances(volume, vlabels, scale=1.0)
+    zs = {row["z0"] for row in result.patches}
+    assert zs == set(np.flatnonzero(vlabels.reshape(6, -1).any(axis=1)).tolist())
+
+
+def test_bad_inputs_raise_input_error_naming_the_problem(tiny_model) -> None:
+    best, _ = tiny_model
+    model = load_model(best, "cpu")
+    image = np.zeros((64, 64), np.float32)
+    labels = np.zeros((64, 64), np.int32)
+    with pytest.raises(InputError, match="shape"):
+        model.assess_instances(image, labels[:32])
+    with pytest.raises(InputError, match="integer"):
+        model.assess_instances(image, labels + 0.5)
+    bad = image.copy()
+    bad[3, 3] = np.nan
+    with pytest.raises(InputError, match="NaN"):
+        model.assess_instances(bad, labels)
+    with pytest.raises(InputError, match="non-negative"):
+        model.assess_instances(image, labels - 1)
+    with pytest.raises(InputError, match="not a QANet"):
+        load_model(Path(__file__), "cpu")
+    with pytest.raises(InputError):
+        QANetConfig(fusion="late")
