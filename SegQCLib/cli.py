@@ -340,6 +340,7 @@ def refine_cmd(
     seg: Optional[Path] = typer.Argument(None, help="Segmentation to correct; omit to segment from scratch."),
     out: Path = typer.Option(..., "-o", "--out", help="Refined mask (never an input file)."),
     segmenter: str = typer.Option("grabcut", "--segmenter", help="grabcut, randomwalker or medsam."),
+    strategy: Optional[str] = typer.Option(None, "--strategy", help="Prompts derived from the pGT: box, scribbles or clicks (default: the segmenter's own)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Local MedSAM checkpoint (medsam_vit_b.pth)."),
     threshold: float = typer.Option(DEFAULT_FLAG_THRESHOLD, "--threshold", help="Refine slices below this pseudo-DSC; stop when reached."),
     model: str = typer.Option("atlas-brain-mr", "--model", help="QC model that gives a pseudo ground truth."),
@@ -355,7 +356,7 @@ def refine_cmd(
 
     result = refine_command(image, seg, out, segmenter=segmenter, checkpoint=checkpoint, threshold=threshold,
                             model=model, label=label, name=name, json_out=json_out, device=device,
-                            max_iterations=max_iterations, only_flagged=not all_slices)
+                            max_iterations=max_iterations, only_flagged=not all_slices, strategy=strategy)
     table = Table("slice", "iterations", "pseudo-DSC before", "pseudo-DSC after", "stop", title=f"HERMES — {result.qc.label}")
     for trace in result.traces:
         table.add_row(str(trace.index), str(len(trace.iterations) - 1), _fmt(trace.initial_pseudo_dsc),
