@@ -202,3 +202,29 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(case: str, files, tmp_pa
     assert set(tmp_path.iterdir()) == before  # no output, no temp file
     for path, content in inputs.items():
         assert path.read_bytes() == content  # inputs untouched
+
+
+def test_qc_with_the_shipped_qanet_scores_instances_per_patch(tmp_path):
+    """`segqc qc --model qanet-nuclei-2d IMAGE LABELS`: true labels score higher than merged ones."""
+    import tifffile
+
+    from SegQCLib.data.cells import simulate_cells
+    from SegQCLib.degrade import merge_neighbours
+    from SegQCLib.qc import available_models
+
+    if "qanet-nuclei-2d" not in {m.name for m in available_models()}:
+        pytest.skip("qanet-nuclei-2d is not installed")
+    image, labels = simulate_cells((192, 192), 20, seed=11)
+    merged = merge_neighbours(labels, np.random.default_rng(0), n_merges=6, max_gap_vox=6.0)
+    tifffile.imwrite(tmp_path / "cells.tif", image)
+    scores = {}
+    for name, lab in (("true", labels), ("merged", merged)):
+        tifffile.imwrite(tmp_path / f"{name}.tif", lab)
+        out, heat = tmp_path / f"{name}.json", tmp_path / f"{name}-heat.tif"
+        assert main(["qc", str(tmp_path / "cells.tif"), str(tmp_path / f"{name}.tif"), "--model", "qanet-nuclei-2d",
+                     "--json", str(out), "--heatmap", str(heat)]) == 0
+        data = json.loads(out.read_text())
+        assert set(data) >= {"model", "image_score", "patches"} and data["patches"]
+        assert tifffile.imread(heat).shape == image.shape
+        scores[name] = data["image_score"]["seg"]
+    assert scores["true"] > 0.9 and scores["true"] > scores["merged"] + 0.1

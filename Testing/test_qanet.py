@@ -127,7 +127,7 @@ def tiny_model(tmp_path_factory) -> tuple[Path, object]:
 
     kw = dict(patch=32, image_shape=(96, 96), radius_range=(4.0, 8.0), targets=("seg",), progress=False)
     train_set = generate_samples(2, 32, seed=10, **kw)
-    val_set = generate_samples(2, 8, seed=11, **kw)
+    val_set = generate_samples(2, 5, seed=11, **kw)
     test_set = generate_samples(2, 8, seed=12, **kw)
     out = tmp_path_factory.mktemp("qanet")
     config = QANetConfig(dims=2, patch=32, diameter_range=(8.0, 16.0), **TINY)
@@ -262,3 +262,24 @@ def test_bad_inputs_raise_input_error_naming_the_problem(tiny_model) -> None:
         load_model(Path(__file__), "cpu")
     with pytest.raises(InputError):
         QANetConfig(fusion="late")
+
+
+# ------------------------------------------------------------------------------------ shipped models
+SHIPPED = Path(__file__).resolve().parents[1] / "Resources" / "Models"
+
+
+@pytest.mark.parametrize("key, shape, radius", [("2d", (128, 128), 10.0), ("3d", (24, 48, 48), 6.0)])
+def test_shipped_model_prefers_the_truth_to_a_damaged_segmentation(key, shape, radius) -> None:
+    card = SHIPPED / f"qanet-nuclei-{key}.json"
+    if not card.exists():
+        pytest.skip(f"{card.name} not shipped")
+    from SegQCLib.degrade import morphology_perturbation
+
+    model = load_model(card, "cpu")
+    data = json.loads(card.read_text())
+    assert data["metrics"]["test_simulated"]["seg"]["lcc"] > 0.6
+    image, labels = simulate_cells(shape, 12 if key == "2d" else 6, seed=21, radius=radius)
+    eroded = morphology_perturbation(labels, np.random.default_rng(0), "erosion", 3)
+    good = model.assess_instances(image, labels, overlap=0.0).image_score
+    bad = model.assess_instances(image, eroded, overlap=0.0).image_score
+    assert good > 0.7 and bad < good - 0.2, (good, bad)
