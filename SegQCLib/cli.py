@@ -447,6 +447,27 @@ def train_nnqc_cmd(
         console.print(f"installed into {shipped}")
 
 
+@train_app.command("qanet")
+def train_qanet_cmd(
+    out: Path = typer.Option(Path("runs/qanet"), "--out", help="Run folder: simulated data cache, checkpoints, best model."),
+    dims: int = typer.Option(2, "--dims", help="2 or 3."),
+    name: Optional[str] = typer.Option(None, "--name", help="Model name (default qanet-nuclei-<dims>d)."),
+    fusion: str = typer.Option("ribcage", "--fusion", help="ribcage, naive or siamese (ablations)."),
+    encoding: str = typer.Option("trinary", "--encoding", help="trinary or binary (ablation)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs"),
+    max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="Stop (and keep the best) after this long."),
+    device: str = typer.Option("auto", "--device"),
+) -> None:
+    """Train QANet on simulated nuclei (our simulator) and evaluate on held-out simulated images; resumable."""
+    from .train.qanet_cli import train_qanet
+
+    if dims not in (2, 3):
+        raise InputError("--dims", f"must be 2 or 3, got {dims}")
+    card, _ = train_qanet(out, dims=dims, name=name, fusion=fusion, encoding=encoding, epochs=epochs,
+                          max_minutes=max_minutes, device=device, log=console.print)
+    console.print(f"model card: {card}")
+
+
 @app.command("eval")
 def eval_cmd(
     model: str = typer.Argument(..., help="Installed model name or a model card (.json)."),
