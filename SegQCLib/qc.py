@@ -126,7 +126,7 @@ class ModelEntry:
     name: str
     factory: Callable[[str], QCModel]
     description: str
-    kind: str  # "regressor" (scores only) or "reconstruction" (scores + pGT)
+    kind: str  # "regressor" (scores only), "reconstruction" (scores + pGT) or "instance" (QANet: image + instance labels)
     priority: int = 0  # the highest-priority model is the default of `segqc qc` and `segqc demo`
 
 

@@ -176,6 +176,18 @@ def test_save_load_round_trip_gives_identical_outputs(tiny_model, tmp_path) -> N
     assert np.allclose(half.assess_instances(image, labels, scale=1.0).patch_scores, a.patch_scores, atol=0.02)
 
 
+@pytest.mark.parametrize("fusion", ["naive", "siamese"])
+def test_widened_ablation_networks_survive_save_and_load(fusion, tmp_path) -> None:
+    config = QANetConfig(fusion=fusion, patch=16, **TINY)
+    net = build_network(config).eval()
+    assert net.stream_mult != 1.0
+    again = load_model(save_model(net, config, tmp_path / fusion), "cpu")
+    # saved again from the loaded copy (as training does): the widening must survive a second round
+    again = load_model(save_model(again.net, config, tmp_path / f"{fusion}-2"), "cpu")
+    x, s = torch.rand(2, 1, 16, 16), torch.rand(2, 2, 16, 16)
+    assert torch.equal(net(x, s), again.net.float().eval()(x, s))
+
+
 def test_registry_lists_qanet_cards_as_instance_models(tiny_model, tmp_path, monkeypatch) -> None:
     from SegQCLib import qc
     from SegQCLib.models import register_installed_models

@@ -209,6 +209,7 @@ class RibCageNet(nn.Module):
         dims = config.dims
         widths = [max(4, int(round(c * config.width * stream_mult))) for c in config.channels]
         self.widths = widths
+        self.stream_mult = float(stream_mult)
         self.fusion = config.fusion
         pool = nn.MaxPool2d if dims == 2 else nn.MaxPool3d
         self.pool = pool(2, ceil_mode=True)
@@ -274,14 +275,17 @@ def build_network(config: QANetConfig) -> RibCageNet:
     if config.fusion == "ribcage":
         return RibCageNet(config)
     target = count_parameters(RibCageNet(QANetConfig(**{**config.to_dict(), "fusion": "ribcage"})))
-    best, best_gap = 1.0, math.inf
-    for mult in np.arange(0.8, 2.5, 0.02):
-        n = count_parameters(RibCageNet(config, float(mult)))
-        if abs(n - target) < best_gap:
-            best, best_gap = float(mult), abs(n - target)
-    net = RibCageNet(config, best)
-    net.stream_mult = best  # type: ignore[attr-defined]
-    return net
+    grid = np.round(np.arange(0.8, 4.0, 0.02), 2)  # the count grows with the multiplier: bisect the grid
+    lo, hi = 0, len(grid) - 1
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if count_parameters(RibCageNet(config, float(grid[mid]))) < target:
+            lo = mid
+        else:
+            hi = mid
+    gaps = {float(grid[i]): abs(count_parameters(RibCageNet(config, float(grid[i]))) - target) for i in (lo, hi)}
+    best = min(gaps, key=gaps.get)
+    return RibCageNet(config, best)
 
 
 # ------------------------------------------------------------------------------------ inputs
@@ -610,7 +614,7 @@ def save_model(net: RibCageNet, config: QANetConfig, path: str | Path, card: dic
     data.update(card or {})
     data.update({"architecture": ARCHITECTURE, "name": data.get("name", stem.name), "dims": config.dims,
                  "fusion": config.fusion, "encoding": config.encoding, "patch": config.patch,
-                 "config": config.to_dict(), "stream_mult": float(getattr(net, "stream_mult", 1.0)),
+                 "config": config.to_dict(), "stream_mult": float(net.stream_mult),
                  "weights": stem.with_suffix(".safetensors").name})
     stem.with_suffix(".json").write_text(json.dumps(data, indent=2))
     return stem.with_suffix(".json")

@@ -136,7 +136,11 @@ def segment(image: np.ndarray, method: str) -> np.ndarray:
         markers = np.zeros(image.shape, np.int32)
         markers[smooth < 0.8 * otsu] = 1
         markers[smooth > 1.25 * otsu] = 2
-        fg = random_walker(data, markers, beta=130, mode="cg_j", tol=1e-3) == 2
+        import warnings
+
+        with warnings.catch_warnings():  # "probability range outside [0, 1]" at tol 1e-3: harmless for argmax
+            warnings.simplefilter("ignore", UserWarning)
+            fg = random_walker(data, markers, beta=130, mode="cg_j", tol=1e-3) == 2
         return ndi.label(_clean(fg, min_size))[0].astype(np.int32)
     if method == "li_cc":
         return ndi.label(_clean(smooth > float(threshold_li(smooth)), min_size))[0].astype(np.int32)
