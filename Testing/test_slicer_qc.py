@@ -31,20 +31,31 @@ def logic(slicer_env):
     return SegQC.SegQCLogic()
 
 
+def new_segmentation(scene, name: str, volumeNode):
+    """An empty segmentation node with display nodes, referencing ``volumeNode``'s geometry."""
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+    node.CreateDefaultDisplayNodes()
+    node.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+    return node
+
+
+def degraded_brain_case(scene, slicer, tmp_path, subject, volumeName: str, nodeName: str, seed: int):
+    """Load ``subject``'s T1 with Slicer's reader and add its brain mask degraded into DSC 0.5-0.75:
+    (volume node, segmentation node, segment id, degraded mask, truth)."""
+    path = tmp_path / f"{volumeName}.nii.gz"
+    write_volume(subject.image, path)
+    volumeNode = load_volume(slicer, path, volumeName)
+    truth = subject.segmentation.mask("Brain")
+    degraded = degrade_to_band(truth.astype(np.uint8), (0.5, 0.75), seed=seed)[0] > 0
+    node = new_segmentation(scene, nodeName, volumeNode)
+    segmentId = add_segment(slicer, node, "Brain", degraded, volumeNode)
+    return volumeNode, node, segmentId, degraded, truth
+
+
 @pytest.fixture
 def mni_case(scene, slicer_env, tmp_path):
     """(volume node, segmentation node, segment id of a degraded brain mask, the mask, the truth)."""
-    subject = mni152("brain")
-    path = tmp_path / "mni152_t1.nii.gz"
-    write_volume(subject.image, path)
-    volumeNode = load_volume(slicer_env, path, "MNI152")
-    truth = subject.segmentation.mask("Brain")
-    degraded = degrade_to_band(truth.astype(np.uint8), (0.5, 0.75), seed=3)[0] > 0
-    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "quick brain")
-    node.CreateDefaultDisplayNodes()
-    node.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
-    segmentId = add_segment(slicer_env, node, "Brain", degraded, volumeNode)
-    return volumeNode, node, segmentId, degraded, truth
+    return degraded_brain_case(scene, slicer_env, tmp_path, mni152("brain"), "MNI152", "quick brain", seed=3)
 
 
 def test_assess_with_a_pgt_model_makes_table_plot_and_pgt_fp_fn_nodes(mni_case, logic, scene, slicer_env):
@@ -91,9 +102,7 @@ def test_assess_with_a_pgt_model_makes_table_plot_and_pgt_fp_fn_nodes(mni_case, 
 def test_batch_of_a_mrb_scene_saves_the_summary_back(mni_case, logic, scene, slicer_env, tmp_path):
     slicer = slicer_env
     volumeNode, node, segmentId, degraded, truth = mni_case
-    good = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "careful brain")
-    good.CreateDefaultDisplayNodes()
-    good.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+    good = new_segmentation(scene, "careful brain", volumeNode)
     add_segment(slicer, good, "Brain", ndi.binary_erosion(truth), volumeNode)  # one voxel off the truth
     add_segment(slicer, good, "Liver", truth, volumeNode)  # no atlas holds it: an error row, not a stop
     bundle = tmp_path / "two-segmentations.mrb"
@@ -149,15 +158,9 @@ def test_hermes_refine_adds_a_refined_segment_shows_prompts_and_leaves_the_origi
     from SegQCLib.metrics import dice
 
     slicer = slicer_env
-    subject = colin27("brain")  # a full-head T1: the pGT comes from the MNI152 atlas
-    path = tmp_path / "colin27.nii.gz"
-    write_volume(subject.image, path)
-    volumeNode = load_volume(slicer, path, "Colin27")
-    truth = subject.segmentation.mask("Brain")
-    degraded = degrade_to_band(truth.astype(np.uint8), (0.5, 0.75), seed=5)[0] > 0
-    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "brain")
-    node.CreateDefaultDisplayNodes()
-    segmentId = add_segment(slicer, node, "Brain", degraded, volumeNode)
+    # a full-head T1: the pGT comes from the MNI152 atlas
+    volumeNode, node, segmentId, degraded, truth = degraded_brain_case(scene, slicer, tmp_path, colin27("brain"),
+                                                                       "Colin27", "brain", seed=5)
     before = slicer.util.arrayFromSegmentBinaryLabelmap(node, segmentId, volumeNode).copy()
     shown = []
     real_show = logic.showPrompts
