@@ -263,9 +263,25 @@ def test_blank_mask_and_batch_size_independence(blob_model):
     result = model.assess(subject.image, blank, "Blob", all_slices=False)
     assert result.pgt.shape == blank.shape
     assert all(row["dsc"] == 0.0 for row in result.slices)  # wherever the pGT has something, the mask misses it
-    small = NNQCModel(model.name, model.net, model.fingerprint, batch_size=3)
     image, labels, positions = np.random.default_rng(1).random((7, 32, 32)), np.zeros((7, 32, 32), np.uint8), np.linspace(0, 1, 7)
-    np.testing.assert_array_equal(small.pgt_slices(image, labels, positions), model.pgt_slices(image, labels, positions))
+    exact = NNQCModel(model.name, model.net, model.fingerprint, precision="fp32")
+    small = NNQCModel(model.name, model.net, model.fingerprint, batch_size=3, precision="fp32")
+    reference = exact.pgt_slices(image, labels, positions)
+    np.testing.assert_array_equal(small.pgt_slices(image, labels, positions), reference)
+    # bf16 autocast (what "auto" picks on CPUs with AMX/AVX512-BF16) gives nearly the same pGT
+    half = NNQCModel(model.name, model.net, model.fingerprint, batch_size=3, precision="bf16")
+    assert np.mean(half.pgt_slices(image, labels, positions) == reference) > 0.97
+
+
+def test_precision_choice():
+    from SegQCLib.models.nnqc import resolve_precision
+
+    assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
+    assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
+    native = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    assert resolve_precision("auto", torch.device("cpu")) == ("bf16" if native else "fp32")
+    with pytest.raises(ValueError, match="precision"):
+        NNQCModel("x", build_net(tiny()), None, precision="fp16")
 
 
 def test_bad_input_raises_input_error(blob_model):

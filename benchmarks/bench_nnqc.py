@@ -1,12 +1,14 @@
 """Seconds per volume (100 axial slices) of nnQC pGT sampling: 5 vs 20 DDIM steps, batched vs one slice
-at a time, on CPU and, when present, CUDA.
+at a time, in fp32 and in the precision "auto" picks (bf16 on CPUs with AMX/AVX512-BF16 and on
+CUDA), on CPU and, when present, CUDA.
 
 Run: .venv/bin/python benchmarks/bench_nnqc.py [--card Resources/Models/nnqc-Brain.json] [--repeats 2]
-     [--threads 1] [--batch-size 16]
+     [--threads 1] [--batch-size N (default: the card's, a whole volume per pass)]
 Without a card, an untrained network of the CPU configuration (``nnqc_cli.CPU_CONFIG``) is timed
 (the speed does not depend on the weights). The slices are 100 real Colin27 slices preprocessed
 at the model's size; the blank mask forces every slice through the sampler. Prints one line per
-(device, steps) with batched and slice-by-slice seconds per volume and their ratio.
+(device, precision, steps) with batched and slice-by-slice seconds per volume and their ratio, and
+the share of pGT pixels on which the precisions agree.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import torch
 
 from SegQCLib.data.sources import colin27
 from SegQCLib.fingerprint import compute_fingerprint, preprocess
-from SegQCLib.models.nnqc import NNQCConfig, NNQCModel, build_net, load_model
+from SegQCLib.models.nnqc import NNQCConfig, NNQCModel, build_net, load_model, resolve_precision
 from SegQCLib.train.nnqc_cli import CPU_CONFIG
 
 
@@ -40,7 +42,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--card", default="", help="an nnQC model card (default: untrained CPU configuration)")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=0, help="slices per pass (0: the model's default)")
     parser.add_argument("--slices", type=int, default=100)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args()
@@ -51,25 +53,38 @@ def main() -> None:
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     print(f"torch {torch.__version__}, CPU threads {torch.get_num_threads()}, devices {devices}")
     for device in devices:
-        if args.card:
-            model = load_model(args.card, device)
-        else:
-            config = NNQCConfig(**CPU_CONFIG)
-            model = NNQCModel("untrained", build_net(config), fp, device=device)
-        pre = preprocess(subject.image, subject.segmentation.mask("Brain"), model.fingerprint, model.config.size)
-        start = (pre.transform.n_slices - args.slices) // 2
-        index = np.arange(start, start + args.slices)
-        image, positions = pre.image[index], pre.transform.slice_positions()[index]
-        labels = np.zeros((len(index), model.config.size, model.config.size), np.uint8)
-        model.pgt_slices(image[:2], labels[:2], positions[:2])  # warm-up
+        precisions = ["fp32"] + ([auto] if (auto := resolve_precision("auto", torch.device(device))) != "fp32" else [])
+        pgts, timed = {}, {}
+        for precision in precisions:
+            if args.card:
+                model = load_model(args.card, device, precision=precision)
+            else:
+                config = NNQCConfig(**CPU_CONFIG)
+                model = NNQCModel("untrained", build_net(config), fp, device=device, precision=precision)
+            batch_size = args.batch_size or model.batch_size
+            pre = preprocess(subject.image, subject.segmentation.mask("Brain"), model.fingerprint, model.config.size)
+            start = (pre.transform.n_slices - args.slices) // 2
+            index = np.arange(start, start + args.slices)
+            image, positions = pre.image[index], pre.transform.slice_positions()[index]
+            labels = np.zeros((len(index), model.config.size, model.config.size), np.uint8)
+            model.pgt_slices(image[:2], labels[:2], positions[:2])  # warm-up
+            pgts[precision] = model.pgt_slices(image, labels, positions, batch_size=batch_size)
+            for steps in (5, 20):
+                model.ddim_steps = steps
+                batched = seconds(model, image, labels, positions, batch_size, args.repeats)
+                single = seconds(model, image, labels, positions, 1, max(1, args.repeats // 2))
+                timed[precision, steps] = batched, single
+                print(f"{device:<5} {precision} DDIM {steps:>2} steps, {args.slices} slices of {model.config.size}px: "
+                      f"batched ({batch_size}) {batched:7.2f} s/volume, slice by slice {single:7.2f} s/volume, "
+                      f"ratio {single / batched:5.2f}x", flush=True)
         for steps in (5, 20):
-            model.ddim_steps = steps
-            batched = seconds(model, image, labels, positions, args.batch_size, args.repeats)
-            single = seconds(model, image, labels, positions, 1, max(1, args.repeats // 2))
-            print(f"{device:<5} DDIM {steps:>2} steps, {args.slices} slices of {model.config.size}px: batched "
-                  f"({args.batch_size}) {batched:7.2f} s/volume, slice by slice {single:7.2f} s/volume, "
-                  f"ratio {single / batched:5.2f}x")
-
+            shipped = timed[precisions[-1], steps][0]
+            fastest_loop = min(timed[p, steps][1] for p in precisions)
+            print(f"{device:<5} DDIM {steps:>2} steps: shipped path (batched, {precisions[-1]}) {shipped:.2f} s/volume "
+                  f"vs the fastest slice-by-slice loop {fastest_loop:.2f} s/volume: {fastest_loop / shipped:.2f}x")
+        if len(pgts) == 2:
+            agree = float(np.mean(pgts["fp32"] == pgts[precisions[1]]))
+            print(f"{device:<5} pGT pixels equal in fp32 and {precisions[1]} (5 steps): {100 * agree:.2f}%")
 
 if __name__ == "__main__":
     main()
