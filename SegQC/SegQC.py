@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import logging
 import math
+import queue
+import threading
 import time
 import unittest
 
@@ -176,13 +178,19 @@ class SegQCWidget(ScriptedLoadableModuleWidget):
         self.ui.batchTableView.connect("clicked(QModelIndex)", self.onBatchRowClicked)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
 
-        self._cancelRequested = False
+        self._job = None  # the SegQCJob running in a worker thread, if any
+        self._pollTimer = None
         self.ui.progressBar.setVisible(False)
         self.ui.cancelButton.setVisible(False)
         self.updateGUI()
 
     def cleanup(self):
-        pass
+        """On module close or reload: stop polling and ask a running job to stop."""
+        if self._pollTimer is not None:
+            self._pollTimer.stop()
+        if self._job is not None:
+            self._job.cancel()
+            self._job = None
 
     def selectedModel(self):
         return self.ui.modelComboBox.itemData(self.ui.modelComboBox.currentIndex)
@@ -207,13 +215,15 @@ class SegQCWidget(ScriptedLoadableModuleWidget):
                 self.ui.deviceLabel.text = self.logic.device(self.ui.forceCpuCheckBox.checked)
             except Exception as err:
                 self.ui.deviceLabel.text = str(err)
-        self.ui.applyButton.enabled = ready
+        busy = getattr(self, "_job", None) is not None
+        self.ui.applyButton.enabled = ready and not busy
+        self.ui.refineButton.enabled = ready and not busy and not useReference
+        self.ui.batchButton.enabled = not busy and not useReference
 
     def onProgress(self, fraction, message=""):
         self.ui.progressBar.value = int(round(100 * fraction))
         if message:
             self.ui.progressBar.setFormat(f"{message} %p%")
-        slicer.app.processEvents()
 
     def ensureDependencies(self) -> bool:
         """Install what the QC models need, after one confirmation: PyTorch through the PyTorch
@@ -242,17 +252,42 @@ class SegQCWidget(ScriptedLoadableModuleWidget):
         return not torchMissing and not missing
 
     def onCancel(self):
-        self._cancelRequested = True
+        if self._job is not None:
+            self._job.cancel()
+            self.ui.progressBar.setFormat(_("Cancelling...") + " %p%")
 
-    def _startWork(self):
-        self._cancelRequested = False
+    def _runJob(self, job, onFinished=None):
+        """Run a Logic job's computation in a worker thread so that Slicer stays responsive; a QTimer
+        on the GUI thread shows its progress (and its other messages, e.g. HERMES prompts) and, when
+        it has ended, writes its results into the scene and calls ``onFinished(result)``."""
+        self._job = job
+        job.handlers["progress"] = self.onProgress
         self.ui.progressBar.setVisible(True)
         self.ui.progressBar.value = 0
+        self.ui.progressBar.setFormat(job.name + " %p%")
         self.ui.cancelButton.setVisible(True)
+        self.updateGUI()
+        job.start()
+        self._pollTimer = qt.QTimer()
+        self._pollTimer.setInterval(100)
+        self._pollTimer.connect("timeout()", lambda: self._pollJob(onFinished))
+        self._pollTimer.start()
 
-    def _endWork(self):
-        self.ui.progressBar.setVisible(False)
-        self.ui.cancelButton.setVisible(False)
+    def _pollJob(self, onFinished):
+        job = self._job
+        if job is None or not job.poll():
+            return
+        self._pollTimer.stop()
+        self._job = None
+        try:
+            with slicer.util.tryWithErrorDisplay(_("{name} failed.").format(name=job.name), waitCursor=True):
+                result = job.finish()
+                if result is not None and onFinished is not None:
+                    onFinished(result)
+        finally:
+            self.ui.progressBar.setVisible(False)
+            self.ui.cancelButton.setVisible(False)
+            self.updateGUI()
 
     def onBatchButton(self):
         """QC every segment of every segmentation in the scene with the chosen model; summary worst first."""
@@ -262,16 +297,10 @@ class SegQCWidget(ScriptedLoadableModuleWidget):
             return
         if not self.ensureDependencies():
             return
-        self._startWork()
-        try:
-            with slicer.util.tryWithErrorDisplay(_("SegQC batch failed."), waitCursor=True):
-                tableNode = self.logic.batchScene(
-                    model, device=self.logic.device(self.ui.forceCpuCheckBox.checked),
-                    threshold=self.ui.thresholdSliderWidget.value, progressCallback=self.onProgress,
-                    cancelled=lambda: self._cancelRequested)
-                self.ui.batchTableView.setMRMLTableNode(tableNode)
-        finally:
-            self._endWork()
+        with slicer.util.tryWithErrorDisplay(_("SegQC batch failed."), waitCursor=True):
+            job = self.logic.batchSceneJob(model, device=self.logic.device(self.ui.forceCpuCheckBox.checked),
+                                           threshold=self.ui.thresholdSliderWidget.value)
+            self._runJob(job, self.ui.batchTableView.setMRMLTableNode)
 
     def onRefineButton(self):
         """HERMES on the selected segment with the chosen pGT model; the result lands in a new segment."""
@@ -281,21 +310,15 @@ class SegQCWidget(ScriptedLoadableModuleWidget):
             return
         if not self.ensureDependencies():
             return
-        segmentationNode = self.ui.segmentSelector.currentNode()
-        self._startWork()
-        try:
-            with slicer.util.tryWithErrorDisplay(_("HERMES refinement failed."), waitCursor=True):
-                newId = self.logic.refineSegment(
-                    self.ui.inputVolumeSelector.currentNode(), segmentationNode, self.ui.segmentSelector.currentSegmentID(),
-                    model, self.ui.segmenterComboBox.currentText, checkpoint=self.ui.checkpointPathLineEdit.currentPath or None,
-                    threshold=self.ui.thresholdSliderWidget.value, maxIterations=self.ui.maxIterationsSpinBox.value,
-                    onlyFlagged=self.ui.onlyFlaggedCheckBox.checked,
-                    device=self.logic.device(self.ui.forceCpuCheckBox.checked), progressCallback=self.onProgress,
-                    cancelled=lambda: self._cancelRequested)
-                if newId:
-                    self.ui.segmentSelector.setCurrentSegmentID(newId)
-        finally:
-            self._endWork()
+        with slicer.util.tryWithErrorDisplay(_("HERMES refinement failed."), waitCursor=True):
+            job = self.logic.refineSegmentJob(
+                self.ui.inputVolumeSelector.currentNode(), self.ui.segmentSelector.currentNode(),
+                self.ui.segmentSelector.currentSegmentID(), model, self.ui.segmenterComboBox.currentText,
+                checkpoint=self.ui.checkpointPathLineEdit.currentPath or None,
+                threshold=self.ui.thresholdSliderWidget.value, maxIterations=self.ui.maxIterationsSpinBox.value,
+                onlyFlagged=self.ui.onlyFlaggedCheckBox.checked,
+                device=self.logic.device(self.ui.forceCpuCheckBox.checked))
+            self._runJob(job, self.ui.segmentSelector.setCurrentSegmentID)
 
     def onBatchRowClicked(self, index):
         """Select the clicked row's segment as the input, so Run shows its per-slice scores."""
@@ -321,34 +344,31 @@ class SegQCWidget(ScriptedLoadableModuleWidget):
         model = self.selectedModel()
         if model != REFERENCE_MODEL and not self.ensureDependencies():
             return
-        self._startWork()
-        try:
-            with slicer.util.tryWithErrorDisplay(_("SegQC failed."), waitCursor=True):
-                if model == REFERENCE_MODEL:
-                    tableNode = self.logic.compareSegments(
-                        volumeNode, segmentationNode, segmentId,
-                        self.ui.referenceSegmentSelector.currentNode(),
-                        self.ui.referenceSegmentSelector.currentSegmentID(),
-                        threshold=threshold, tableNode=tableNode, progressCallback=self.onProgress,
-                    )
-                else:
-                    tableNode = self.logic.assessSegment(
-                        volumeNode, segmentationNode, segmentId, model,
-                        device=self.logic.device(self.ui.forceCpuCheckBox.checked),
-                        threshold=threshold, tableNode=tableNode, progressCallback=self.onProgress,
-                    )
-                self.ui.outputTableSelector.setCurrentNode(tableNode)
-                self.ui.resultsTableView.setMRMLTableNode(tableNode)
-                dscColumn = tableNode.GetColumnIndex("dsc")
-                if dscColumn >= 0:  # worst slices first
-                    self.ui.resultsTableView.sortByColumn(dscColumn, qt.Qt.AscendingOrder)
-                self.ui.summaryLabel.text = self.logic.summary(self.logic.lastResult)
-                slicer.util.setSliceViewerLayers(background=volumeNode)
-                chartNode = tableNode.GetNodeReference(CHART_REFERENCE_ROLE)
-                if chartNode is not None:
-                    slicer.modules.plots.logic().ShowChartInLayout(chartNode)
-        finally:
-            self._endWork()
+        with slicer.util.tryWithErrorDisplay(_("SegQC failed."), waitCursor=True):
+            if model == REFERENCE_MODEL:  # true metrics against a reference segment
+                job = self.logic.compareSegmentsJob(
+                    volumeNode, segmentationNode, segmentId, self.ui.referenceSegmentSelector.currentNode(),
+                    self.ui.referenceSegmentSelector.currentSegmentID(), threshold, tableNode)
+            else:
+                job = self.logic.assessSegmentJob(volumeNode, segmentationNode, segmentId, model,
+                                                  self.logic.device(self.ui.forceCpuCheckBox.checked), threshold,
+                                                  tableNode)
+            self._runJob(job, self.showResult)
+
+    def showResult(self, tableNode):
+        """Show a per-slice result table (worst slices first), its summary and its plot."""
+        self.ui.outputTableSelector.setCurrentNode(tableNode)
+        self.ui.resultsTableView.setMRMLTableNode(tableNode)
+        dscColumn = tableNode.GetColumnIndex("dsc")
+        if dscColumn >= 0:  # worst slices first
+            self.ui.resultsTableView.sortByColumn(dscColumn, qt.Qt.AscendingOrder)
+        self.ui.summaryLabel.text = self.logic.summary(self.logic.lastResult)
+        volumeNode = tableNode.GetNodeReference(VOLUME_REFERENCE_ROLE)
+        if volumeNode is not None:
+            slicer.util.setSliceViewerLayers(background=volumeNode)
+        chartNode = tableNode.GetNodeReference(CHART_REFERENCE_ROLE)
+        if chartNode is not None:
+            slicer.modules.plots.logic().ShowChartInLayout(chartNode)
 
     def onResultClicked(self, index):
         """Jump the slice views to the slice of the clicked row (column 0 holds the slice index)."""
@@ -506,56 +526,82 @@ class SegQCLogic(ScriptedLoadableModuleLogic):
         Neither segmentation is modified. Returns the result table node (``tableNode`` or a new
         one; see :meth:`resultToTable`); the :class:`QCResult` is kept in ``self.lastResult``.
         """
-        from SegQCLib.qc import compare_to_reference
+        job = self.compareSegmentsJob(volumeNode, segmentationNode, segmentId, referenceSegmentationNode,
+                                      referenceSegmentId, threshold, tableNode)
+        return job.run(progressCallback)
 
-        progress = progressCallback or (lambda fraction, message="": None)
-        progress(0.0, _("Exporting segments"))
+    def compareSegmentsJob(self, volumeNode, segmentationNode, segmentId, referenceSegmentationNode,
+                           referenceSegmentId, threshold: float = 0.8, tableNode=None) -> SegQCJob:
+        """:meth:`compareSegments` as a :class:`SegQCJob` (segments exported now, metrics in ``compute``)."""
         spacing = self.gridFromNode(volumeNode).spacing
         pred = self.segmentMask(segmentationNode, segmentId, volumeNode)
         ref = self.segmentMask(referenceSegmentationNode, referenceSegmentId, volumeNode)
-        progress(0.2, _("Metrics"))
         label = segmentationNode.GetSegmentation().GetSegment(segmentId).GetName()
         referenceName = referenceSegmentationNode.GetSegmentation().GetSegment(referenceSegmentId).GetName()
-        result = compare_to_reference(pred, ref, spacing, label, threshold)
-        result.extra["reference"] = f"{referenceSegmentationNode.GetName()}/{referenceName}"
-        self.lastResult = result
-        tableNode = self.resultToTable(result, tableNode)
-        self._linkTable(tableNode, volumeNode, segmentationNode, segmentId)
-        self.lastChartNode = self.plotScores(tableNode, threshold)
-        progress(1.0, _("Done"))
-        return tableNode
+        reference = f"{referenceSegmentationNode.GetName()}/{referenceName}"
+
+        def compute(job):
+            from SegQCLib.qc import compare_to_reference
+
+            job.progress(0.0, _("Metrics"))
+            result = compare_to_reference(pred, ref, spacing, label, threshold)
+            result.extra["reference"] = reference
+            return result
+
+        def finish(result):
+            self.lastResult = result
+            table = self.resultToTable(result, tableNode)
+            self._linkTable(table, volumeNode, segmentationNode, segmentId)
+            self.lastChartNode = self.plotScores(table, threshold)
+            return table
+
+        return SegQCJob(_("Comparison of {name} with {reference}").format(name=label, reference=reference),
+                        compute, finish)
 
     def assessSegment(self, volumeNode, segmentationNode, segmentId, modelName: str, device: str = "auto",
                       threshold: float = 0.8, tableNode=None, progressCallback=None):
-        """Scores of a segment by the QC model ``modelName`` (no reference needed).
+        """Scores of a segment by the QC model ``modelName`` (no reference needed), in this thread.
 
-        Returns the result table node; the :class:`QCResult` is kept in ``self.lastResult``.
+        Returns the result table node; the :class:`QCResult` is kept in ``self.lastResult``. The
+        panel runs the same work through :meth:`assessSegmentJob` off the GUI thread.
         """
-        from SegQCLib import qc
+        job = self.assessSegmentJob(volumeNode, segmentationNode, segmentId, modelName, device, threshold, tableNode)
+        return job.run(progressCallback)
 
-        start = time.perf_counter()
-        progress = progressCallback or (lambda fraction, message="": None)
-        progress(0.0, _("Loading model"))
-        model = qc.load_model(modelName, device)
-        progress(0.1, _("Exporting segment"))
+    def assessSegmentJob(self, volumeNode, segmentationNode, segmentId, modelName: str, device: str = "auto",
+                         threshold: float = 0.8, tableNode=None) -> SegQCJob:
+        """:meth:`assessSegment` as a :class:`SegQCJob`: the segment and volume are exported now (GUI
+        thread); the model runs in ``compute``; ``finish`` writes the table, the plot and, for pGT
+        models, the pGT/FP/FN segmentation, and returns the table node."""
         image = self.volumeFromNode(volumeNode)
         mask = self.segmentMask(segmentationNode, segmentId, volumeNode)
         label = segmentationNode.GetSegmentation().GetSegment(segmentId).GetName()
-        progress(0.2, _("Scoring"))
-        result = model.assess(image, mask, label, threshold=threshold)
-        if not result.runtime_s:
-            result.runtime_s = time.perf_counter() - start
-        self.lastResult = result
-        tableNode = self.resultToTable(result, tableNode)
-        self._linkTable(tableNode, volumeNode, segmentationNode, segmentId)
-        self.lastChartNode = self.plotScores(tableNode, result.threshold)
-        self.lastPseudoGroundTruthNode = None
-        if result.pgt is not None:
-            progress(0.9, _("Pseudo ground truth"))
-            self.lastPseudoGroundTruthNode = self.pseudoGroundTruthToSegmentation(result, mask, volumeNode,
-                                                                                  segmentationNode, segmentId)
-        progress(1.0, _("Done"))
-        return tableNode
+
+        def compute(job):
+            from SegQCLib import qc
+
+            start = time.perf_counter()
+            job.progress(0.0, _("Loading model"))
+            model = qc.load_model(modelName, device)
+            job.progress(0.2, _("Scoring"))
+            result = model.assess(image, mask, label, threshold=threshold)
+            if not result.runtime_s:
+                result.runtime_s = time.perf_counter() - start
+            job.progress(0.9, _("Writing results"))
+            return result
+
+        def finish(result):
+            self.lastResult = result
+            table = self.resultToTable(result, tableNode)
+            self._linkTable(table, volumeNode, segmentationNode, segmentId)
+            self.lastChartNode = self.plotScores(table, result.threshold)
+            self.lastPseudoGroundTruthNode = None
+            if result.pgt is not None:
+                self.lastPseudoGroundTruthNode = self.pseudoGroundTruthToSegmentation(result, mask, volumeNode,
+                                                                                      segmentationNode, segmentId)
+            return table
+
+        return SegQCJob(_("QC of {name}").format(name=label), compute, finish)
 
     # ------------------------------------------------------------------ display nodes
     @staticmethod
@@ -671,48 +717,64 @@ class SegQCLogic(ScriptedLoadableModuleLogic):
                       checkpoint: str | None = None, threshold: float = 0.8, maxIterations: int = 20,
                       onlyFlagged: bool = True, slices=None, device: str = "auto", progressCallback=None,
                       cancelled=None):
-        """HERMES on a segment: refine the slices the pGT model ``modelName`` flags (or ``slices``, e.g.
-        the slice in view), show each
-        iteration's prompts as markups, and store the result in a new segment "<name> refined" of
-        the same segmentation (returned: its ID). The original segment is not modified; on cancel
-        nothing is added. ``self.lastRefineResult`` keeps the traces."""
-        from SegQCLib import qc
-        from SegQCLib.refine import refine_volume, segmenter_from_name
+        """HERMES on a segment, in this thread: refine the slices the pGT model ``modelName`` flags
+        (or ``slices``, e.g. the slice in view), show each iteration's prompts as markups, and store
+        the result in a new segment "<name> refined" of the same segmentation (returned: its ID).
+        The original segment is not modified; on cancel (``cancelled()`` true) nothing is added and
+        None is returned. ``self.lastRefineResult`` keeps the traces. The panel runs the same work
+        through :meth:`refineSegmentJob` off the GUI thread."""
+        job = self.refineSegmentJob(volumeNode, segmentationNode, segmentId, modelName, segmenterName, checkpoint,
+                                    threshold, maxIterations, onlyFlagged, slices, device)
+        return job.run(progressCallback, cancelled)
 
-        progress = progressCallback or (lambda fraction, message="": None)
-        progress(0.0, _("Loading models"))
-        model = qc.load_model(modelName, device)
-        segmenter = segmenter_from_name(segmenterName, checkpoint, device)
+    def refineSegmentJob(self, volumeNode, segmentationNode, segmentId, modelName: str, segmenterName: str = "grabcut",
+                         checkpoint: str | None = None, threshold: float = 0.8, maxIterations: int = 20,
+                         onlyFlagged: bool = True, slices=None, device: str = "auto") -> SegQCJob:
+        """:meth:`refineSegment` as a :class:`SegQCJob`. ``compute`` runs the HERMES loop and posts
+        ``("prompts", sliceIndex, prompts)`` after every segmentation; the job's handler shows them
+        as markups on the GUI thread. ``finish`` adds the refined segment and returns its ID."""
         image = self.volumeFromNode(volumeNode)
         mask = self.segmentMask(segmentationNode, segmentId, volumeNode)
         name = segmentationNode.GetSegmentation().GetSegment(segmentId).GetName()
         nodes = self._promptNodes()
+        chosen = list(slices) if slices is not None else None
 
-        state = {"fraction": 0.1}
+        def compute(job):
+            from SegQCLib import qc
+            from SegQCLib.refine import refine_volume, segmenter_from_name
 
-        def onIteration(trace):
-            if cancelled is not None and cancelled():
-                raise _Cancelled()
-            self.showPrompts(volumeNode, trace.index, trace.iterations[-1].prompts, nodes)
-            progress(state["fraction"], _("Slice {k}: iteration {i}, pseudo-DSC {d:.2f}").format(
-                k=trace.index, i=len(trace.iterations) - 1, d=trace.iterations[-1].pseudo_dsc))
+            job.progress(0.0, _("Loading models"))
+            model = qc.load_model(modelName, device)
+            segmenter = segmenter_from_name(segmenterName, checkpoint, device)
+            state = {"fraction": 0.1}
 
-        def onSlice(done, total):
-            state["fraction"] = 0.1 + 0.85 * done / max(total, 1)
-            progress(state["fraction"], _("Refined {done} of {total} slices").format(done=done, total=total))
+            def onIteration(trace):
+                job.checkCancelled()
+                last = trace.iterations[-1]
+                job.post("prompts", trace.index, last.prompts)
+                job.progress(state["fraction"], _("Slice {k}: iteration {i}, pseudo-DSC {d:.2f}").format(
+                    k=trace.index, i=len(trace.iterations) - 1, d=last.pseudo_dsc))
 
-        progress(0.1, _("Quality control"))
-        try:
-            result = refine_volume(image, mask, name, model, segmenter, threshold=threshold, only_flagged=onlyFlagged,
-                                   slices=list(slices) if slices is not None else None, max_iterations=maxIterations,
-                                   on_iteration=onIteration, progress=onSlice)
-        except _Cancelled:
-            return None
-        self.lastRefineResult = result
-        newId = segmentationNode.GetSegmentation().AddEmptySegment("", f"{name} refined")
-        slicer.util.updateSegmentBinaryLabelmapFromArray(result.mask.astype(np.uint8), segmentationNode, newId, volumeNode)
-        progress(1.0, _("Done"))
-        return newId
+            def onSlice(done, total):
+                job.checkCancelled()
+                state["fraction"] = 0.1 + 0.85 * done / max(total, 1)
+                job.progress(state["fraction"], _("Refined {done} of {total} slices").format(done=done, total=total))
+
+            job.progress(0.1, _("Quality control"))
+            return refine_volume(image, mask, name, model, segmenter, threshold=threshold, only_flagged=onlyFlagged,
+                                 slices=chosen, max_iterations=maxIterations, on_iteration=onIteration,
+                                 progress=onSlice)
+
+        def finish(result):
+            self.lastRefineResult = result
+            newId = segmentationNode.GetSegmentation().AddEmptySegment("", f"{name} refined")
+            slicer.util.updateSegmentBinaryLabelmapFromArray(result.mask.astype(np.uint8), segmentationNode, newId,
+                                                             volumeNode)
+            return newId
+
+        job = SegQCJob(_("HERMES refinement of {name}").format(name=name), compute, finish)
+        job.handlers["prompts"] = lambda index, prompts: self.showPrompts(volumeNode, index, prompts, nodes)
+        return job
 
     # ------------------------------------------------------------------ batch
     @staticmethod
@@ -732,43 +794,74 @@ class SegQCLogic(ScriptedLoadableModuleLogic):
 
     def batchScene(self, modelName: str, device: str = "auto", threshold: float = 0.8, tableNode=None,
                    progressCallback=None, cancelled=None):
-        """QC of every segment of every segmentation node in the scene -> one summary table, worst first.
+        """QC of every segment of every segmentation node in the scene -> one summary table, worst
+        first, in this thread (the panel runs :meth:`batchSceneJob` off the GUI thread).
 
         Columns: ``node``, ``segment``, ``model``, ``score`` (volume pseudo-DSC), ``flagged`` (number
         of slices below ``threshold``), ``flaggedSlices`` (their indices), ``status`` ("ok" or the
-        error: a segment that cannot be scored does not stop the batch), ``nodeID``, ``segmentID``. Nodes made by SegQC itself
-        (pGT nodes) are skipped. ``cancelled()`` is polled between segments; on cancel the table
-        holds what finished. Returns the table node.
+        error: a segment that cannot be scored does not stop the batch), ``nodeID``, ``segmentID``.
+        Nodes made by SegQC itself (pGT nodes) are skipped. ``cancelled()`` is polled between
+        segments; on cancel the table holds what finished. Returns the table node.
         """
-        from SegQCLib import qc
+        return self.batchSceneJob(modelName, device, threshold, tableNode).run(progressCallback, cancelled)
+
+    def batchSceneJob(self, modelName: str, device: str = "auto", threshold: float = 0.8, tableNode=None) -> SegQCJob:
+        """:meth:`batchScene` as a :class:`SegQCJob`: every segment (and its volume, once per volume)
+        is exported now; ``compute`` scores them one by one and stops early on cancel; ``finish``
+        writes the rows that finished and returns the table node."""
         from SegQCLib.errors import SegQCError
 
-        progress = progressCallback or (lambda fraction, message="": None)
-        model = qc.load_model(modelName, device)
-        jobs = []
+        cases, images = [], {}
         for node in slicer.util.getNodesByClass("vtkMRMLSegmentationNode"):
             if node.GetAttribute(ATTRIBUTE_PREFIX + "segmentId") is not None:
                 continue  # a pGT node of ours
             segmentation = node.GetSegmentation()
-            jobs += [(node, segmentation.GetNthSegmentID(i)) for i in range(segmentation.GetNumberOfSegments())]
-        rows = []
-        for done, (node, segmentId) in enumerate(jobs):
-            if cancelled is not None and cancelled():
-                break
-            segmentName = node.GetSegmentation().GetSegment(segmentId).GetName()
-            progress(done / max(len(jobs), 1), f"{node.GetName()} / {segmentName}")
-            row = {"node": node.GetName(), "segment": segmentName, "model": modelName, "score": math.nan,
-                   "flagged": 0, "flaggedSlices": "", "status": "ok", "nodeID": node.GetID(), "segmentID": segmentId}
-            try:
-                volumeNode = self.referenceVolumeOf(node)
-                result = model.assess(self.volumeFromNode(volumeNode), self.segmentMask(node, segmentId, volumeNode),
-                                      segmentName, threshold=threshold, all_slices=True)
-                row.update(score=_finiteOrNan(result.volume.get("dsc")), flagged=len(result.flagged),
-                           flaggedSlices=" ".join(str(k) for k in result.flagged))
-            except SegQCError as err:
-                row["status"] = str(err)
-            rows.append(row)
-        rows.sort(key=lambda r: (math.isnan(r["score"]), r["score"]))  # worst first, failures last
+            for i in range(segmentation.GetNumberOfSegments()):
+                segmentId = segmentation.GetNthSegmentID(i)
+                case = {"node": node.GetName(), "segment": segmentation.GetSegment(segmentId).GetName(),
+                        "nodeID": node.GetID(), "segmentID": segmentId, "error": ""}
+                try:
+                    volumeNode = self.referenceVolumeOf(node)
+                    if volumeNode.GetID() not in images:
+                        images[volumeNode.GetID()] = self.volumeFromNode(volumeNode)
+                    case["image"] = images[volumeNode.GetID()]
+                    case["mask"] = self.segmentMask(node, segmentId, volumeNode)
+                except SegQCError as err:
+                    case["error"] = str(err)
+                cases.append(case)
+
+        def compute(job):
+            from SegQCLib import qc
+
+            model = qc.load_model(modelName, device)
+            rows = []
+            for done, case in enumerate(cases):
+                if job.cancelled:
+                    break
+                job.progress(done / max(len(cases), 1), f"{case['node']} / {case['segment']}")
+                row = {"node": case["node"], "segment": case["segment"], "model": modelName, "score": math.nan,
+                       "flagged": 0, "flaggedSlices": "", "status": case["error"] or "ok", "nodeID": case["nodeID"],
+                       "segmentID": case["segmentID"]}
+                if not case["error"]:
+                    try:
+                        result = model.assess(case["image"], case["mask"], case["segment"], threshold=threshold,
+                                              all_slices=True)
+                        row.update(score=_finiteOrNan(result.volume.get("dsc")), flagged=len(result.flagged),
+                                   flaggedSlices=" ".join(str(k) for k in result.flagged))
+                    except SegQCError as err:
+                        row["status"] = str(err)
+                rows.append(row)
+            rows.sort(key=lambda r: (math.isnan(r["score"]), r["score"]))  # worst first, failures last
+            return rows
+
+        def finish(rows):
+            return self._batchTable(rows, modelName, threshold, tableNode)
+
+        return SegQCJob(_("Batch QC"), compute, finish)
+
+    @staticmethod
+    def _batchTable(rows: list[dict], modelName: str, threshold: float, tableNode=None):
+        """Write :meth:`batchSceneJob`'s rows into ``tableNode`` (a new one when None)."""
         if tableNode is None:
             tableNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode",
                                                            slicer.mrmlScene.GenerateUniqueName("SegQC batch"))
@@ -787,7 +880,6 @@ class SegQCLogic(ScriptedLoadableModuleLogic):
             tableNode.SetAttribute(ATTRIBUTE_PREFIX + "threshold", repr(float(threshold)))
         finally:
             tableNode.EndModify(wasModifying)
-        progress(1.0, _("Done"))
         return tableNode
 
     @staticmethod
@@ -868,7 +960,118 @@ class SegQCLogic(ScriptedLoadableModuleLogic):
 
 
 class _Cancelled(Exception):
-    """Raised inside a long Logic call when the user pressed Cancel."""
+    """Raised inside a job's ``compute`` when the user pressed Cancel."""
+
+
+class SegQCJob:
+    """A Logic operation split so that its heavy part runs off the GUI thread.
+
+    The Logic's ``*Job`` methods read what they need from MRML when they build the job (GUI thread)
+    and return it; then:
+
+    - ``compute(job)`` does the numerical work on those NumPy arrays. It may run in a worker thread,
+      so it touches no MRML/VTK object (they are not thread-safe) and reports only through
+      ``job.post(kind, *args)`` / ``job.progress(fraction, message)``; it checks ``job.cancelled``
+      (or calls ``job.checkCancelled()``) between steps.
+    - ``poll()`` (GUI thread, e.g. from a QTimer) hands the posted messages to ``handlers[kind]``
+      (``"progress"``: ``(fraction, message)``; a Logic adds its own kinds, e.g. HERMES's
+      ``"prompts"``, which updates markups) and says whether compute has ended.
+    - ``finish()`` (GUI thread) re-raises compute's error, or writes the result nodes and returns
+      what the synchronous Logic method returns; None when compute stopped at a cancel.
+
+    ``run()`` does all of it in the calling thread, which is what scripts and tests use.
+    """
+
+    def __init__(self, name: str, compute, finish):
+        self.name = name
+        self.handlers = {}
+        self._compute, self._finish = compute, finish
+        self._messages = queue.Queue()
+        self._cancel = threading.Event()
+        self._cancelCheck = None
+        self._ended = threading.Event()
+        self._thread = None
+        self._result, self._error, self._stopped = None, None, False
+
+    # called from compute (any thread)
+    def post(self, kind: str, *args) -> None:
+        self._messages.put((kind, args))
+        if self._thread is None:  # synchronous run: deliver at once
+            self.poll()
+
+    def progress(self, fraction: float, message: str = "") -> None:
+        self.post("progress", float(fraction), message)
+
+    @property
+    def cancelled(self) -> bool:
+        if not self._cancel.is_set() and self._cancelCheck is not None and self._cancelCheck():
+            self._cancel.set()
+        return self._cancel.is_set()
+
+    def checkCancelled(self) -> None:
+        if self.cancelled:
+            raise _Cancelled()
+
+    # called from the GUI thread
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def start(self) -> None:
+        """Run ``compute`` in a daemon worker thread; follow it with :meth:`poll`, then :meth:`finish`."""
+        if self._thread is not None:
+            raise RuntimeError(f"{self.name}: already started")
+        self._thread = threading.Thread(target=self._work, name=f"SegQC: {self.name}", daemon=True)
+        self._thread.start()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and not self._ended.is_set()
+
+    def poll(self) -> bool:
+        """Deliver the posted messages to their handlers; True once compute has ended (and all were delivered)."""
+        ended = self._ended.is_set()
+        while True:
+            try:
+                kind, args = self._messages.get_nowait()
+            except queue.Empty:
+                break
+            handler = self.handlers.get(kind)
+            if handler is not None:
+                handler(*args)
+        return ended
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until compute has ended (True) or ``timeout`` seconds passed (False)."""
+        return self._ended.wait(timeout)
+
+    def finish(self):
+        if not self._ended.is_set():
+            raise RuntimeError(f"{self.name}: compute has not ended")
+        self.poll()
+        if self._error is not None:
+            raise self._error
+        return None if self._stopped else self._finish(self._result)
+
+    def run(self, progressCallback=None, cancelled=None):
+        """Compute and finish in this thread; ``cancelled()`` is polled like a Cancel button."""
+        if progressCallback is not None:
+            self.handlers["progress"] = progressCallback
+        self._cancelCheck = cancelled
+        self._work()
+        result = self.finish()
+        if result is not None:
+            self.progress(1.0, _("Done"))
+        return result
+
+    def _work(self) -> None:
+        try:
+            self._result = self._compute(self)
+        except _Cancelled:
+            self._stopped = True
+        except BaseException as err:  # handed to the GUI thread by finish()
+            self._error = err
+        finally:
+            self._ended.set()
 
 
 def _tableColumn(tableNode, name: str) -> list[float]:
@@ -938,6 +1141,19 @@ class SegQCTest(ScriptedLoadableModuleTest):
 
         r, a, s = logic.sliceRAS(volumeNode, 3)
         np.testing.assert_allclose((r, a, s), (ijkToRas @ [23.5, 19.5, 3.0, 1.0])[:3])  # (nx-1)/2, (ny-1)/2, k
+
+        self.delayDisplay("Comparing in a worker thread, as the panel does")
+        job = logic.compareSegmentsJob(volumeNode, predNode, predId, refNode, refId, threshold=0.9)
+        job.start()
+        while not job.poll():
+            if SLICER_APP:
+                slicer.app.processEvents()
+            time.sleep(0.01)
+        threaded = job.finish()
+        self.assertNotEqual(threaded.GetID(), table.GetID())
+        for i in range(table.GetNumberOfRows()):
+            self.assertEqual(threaded.GetTable().GetValueByName(i, "dsc").ToDouble(),
+                             table.GetTable().GetValueByName(i, "dsc").ToDouble())
         self.delayDisplay("Test passed")
 
     @staticmethod
