@@ -424,6 +424,7 @@ def train_nnqc_cmd(
     batch_size: int = typer.Option(16, "--batch-size"),
     val_every: int = typer.Option(1000, "--val-every", help="Validate (and keep the best) every N steps."),
     threads: int = typer.Option(1, "--threads", help="torch CPU threads (1 was 8x faster than 2 on a busy 2-core machine)."),
+    experts: str = typer.Option("full", "--experts", help="Team of Experts ablation: full (position queries image), position or image."),
     device: str = typer.Option("auto", "--device"),
     install: bool = typer.Option(False, "--install", help="Copy the trained model into Resources/Models."),
 ) -> None:
@@ -431,13 +432,17 @@ def train_nnqc_cmd(
     resumes from OUT (finished stages are skipped); Ctrl-C or kill saves a checkpoint first."""
     import shutil
 
-    from .train.nnqc_cli import default_strip_prob, train_nnqc
+    from .models.nnqc import EXPERTS, NNQCConfig
+    from .train.nnqc_cli import CPU_CONFIG, default_strip_prob, train_nnqc
     from .train.nnqc_train import TrainOptions
 
+    if experts not in EXPERTS:
+        raise InputError("--experts", f"unknown mode {experts!r} (choose {', '.join(EXPERTS)})")
     options = TrainOptions(dae_steps=dae_steps, vae_steps=vae_steps, ldm_steps=ldm_steps, batch_size=batch_size,
                            val_every=val_every, val_samples=96, adv_start=min(150, vae_steps // 3),
                            strip_prob=default_strip_prob(structure), threads=threads)
-    card = train_nnqc(out, structure, options=options, device=device, log=console.print)
+    config = NNQCConfig(structures=(structure,), experts=experts, **CPU_CONFIG)
+    card = train_nnqc(out, structure, config=config, options=options, device=device, log=console.print)
     console.print(f"model card: {card}")
     if install:
         shipped = Path(__file__).resolve().parents[1] / "Resources" / "Models"

@@ -458,7 +458,8 @@ def train(out_dir: str | Path, train_set: SliceSet, val_set: SliceSet, config: N
     torch.manual_seed(options.seed)
     run = out_dir / "run.json"
     if run.exists():
-        derived = ("image_tokens", "image_token_dim")  # filled in by build_net
+        # filled in by build_net, or inference-only settings (slices per pass, DDIM steps, noise seed)
+        derived = ("image_tokens", "image_token_dim", "batch_size", "ddim_steps", "seed")
         saved = {k: v for k, v in json.loads(run.read_text())["config"].items() if k not in derived}
         if saved != {k: v for k, v in config.to_dict().items() if k not in derived}:
             from ..errors import InputError
