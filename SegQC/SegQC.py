@@ -806,29 +806,33 @@ class SegQCLogic(ScriptedLoadableModuleLogic):
         return self.batchSceneJob(modelName, device, threshold, tableNode).run(progressCallback, cancelled)
 
     def batchSceneJob(self, modelName: str, device: str = "auto", threshold: float = 0.8, tableNode=None) -> SegQCJob:
-        """:meth:`batchScene` as a :class:`SegQCJob`: every segment (and its volume, once per volume)
-        is exported now; ``compute`` scores them one by one and stops early on cancel; ``finish``
-        writes the rows that finished and returns the table node."""
+        """:meth:`batchScene` as a :class:`SegQCJob`: the list of segments is taken now; ``compute``
+        asks the GUI thread for one segment (and its volume) at a time (:meth:`SegQCJob.callOnGui`),
+        so memory holds one mask and one image however large the scene, scores it, and stops early on
+        cancel; ``finish`` writes the rows that finished and returns the table node."""
         from SegQCLib.errors import SegQCError
 
-        cases, images = [], {}
+        cases = []
         for node in slicer.util.getNodesByClass("vtkMRMLSegmentationNode"):
             if node.GetAttribute(ATTRIBUTE_PREFIX + "segmentId") is not None:
                 continue  # a pGT node of ours
             segmentation = node.GetSegmentation()
             for i in range(segmentation.GetNumberOfSegments()):
                 segmentId = segmentation.GetNthSegmentID(i)
-                case = {"node": node.GetName(), "segment": segmentation.GetSegment(segmentId).GetName(),
-                        "nodeID": node.GetID(), "segmentID": segmentId, "error": ""}
-                try:
-                    volumeNode = self.referenceVolumeOf(node)
-                    if volumeNode.GetID() not in images:
-                        images[volumeNode.GetID()] = self.volumeFromNode(volumeNode)
-                    case["image"] = images[volumeNode.GetID()]
-                    case["mask"] = self.segmentMask(node, segmentId, volumeNode)
-                except SegQCError as err:
-                    case["error"] = str(err)
-                cases.append(case)
+                cases.append({"node": node.GetName(), "segment": segmentation.GetSegment(segmentId).GetName(),
+                              "nodeID": node.GetID(), "segmentID": segmentId})
+        cache = {"volumeID": None, "image": None}  # the image of the latest volume, reused by its segments
+
+        def export(case):
+            """(image Volume, bool mask) of a case, read from MRML (GUI thread only)."""
+            node = slicer.mrmlScene.GetNodeByID(case["nodeID"])
+            if node is None or node.GetSegmentation().GetSegment(case["segmentID"]) is None:
+                raise SegQCError(case["node"], "was removed from the scene during the batch")
+            volumeNode = self.referenceVolumeOf(node)
+            if cache["volumeID"] != volumeNode.GetID():
+                cache["volumeID"], cache["image"] = None, None  # free the previous image first
+                cache["image"], cache["volumeID"] = self.volumeFromNode(volumeNode), volumeNode.GetID()
+            return cache["image"], self.segmentMask(node, case["segmentID"], volumeNode)
 
         def compute(job):
             from SegQCLib import qc
@@ -840,16 +844,17 @@ class SegQCLogic(ScriptedLoadableModuleLogic):
                     break
                 job.progress(done / max(len(cases), 1), f"{case['node']} / {case['segment']}")
                 row = {"node": case["node"], "segment": case["segment"], "model": modelName, "score": math.nan,
-                       "flagged": 0, "flaggedSlices": "", "status": case["error"] or "ok", "nodeID": case["nodeID"],
+                       "flagged": 0, "flaggedSlices": "", "status": "ok", "nodeID": case["nodeID"],
                        "segmentID": case["segmentID"]}
-                if not case["error"]:
-                    try:
-                        result = model.assess(case["image"], case["mask"], case["segment"], threshold=threshold,
-                                              all_slices=True)
-                        row.update(score=_finiteOrNan(result.volume.get("dsc")), flagged=len(result.flagged),
-                                   flaggedSlices=" ".join(str(k) for k in result.flagged))
-                    except SegQCError as err:
-                        row["status"] = str(err)
+                try:
+                    image, mask = job.callOnGui(export, case)
+                    result = model.assess(image, mask, case["segment"], threshold=threshold, all_slices=True)
+                    row.update(score=_finiteOrNan(result.volume.get("dsc")), flagged=len(result.flagged),
+                               flaggedSlices=" ".join(str(k) for k in result.flagged))
+                except _Cancelled:
+                    break
+                except SegQCError as err:
+                    row["status"] = str(err)
                 rows.append(row)
             rows.sort(key=lambda r: (math.isnan(r["score"]), r["score"]))  # worst first, failures last
             return rows
@@ -963,6 +968,9 @@ class _Cancelled(Exception):
     """Raised inside a job's ``compute`` when the user pressed Cancel."""
 
 
+_GUI_CALL = "__call_on_gui__"  # SegQCJob message kind of callOnGui
+
+
 class SegQCJob:
     """A Logic operation split so that its heavy part runs off the GUI thread.
 
@@ -970,9 +978,10 @@ class SegQCJob:
     and return it; then:
 
     - ``compute(job)`` does the numerical work on those NumPy arrays. It may run in a worker thread,
-      so it touches no MRML/VTK object (they are not thread-safe) and reports only through
-      ``job.post(kind, *args)`` / ``job.progress(fraction, message)``; it checks ``job.cancelled``
-      (or calls ``job.checkCancelled()``) between steps.
+      so it touches no MRML/VTK object (they are not thread-safe): it reports through
+      ``job.post(kind, *args)`` / ``job.progress(fraction, message)``, reads more from MRML only
+      through ``job.callOnGui(function, *args)``, and checks ``job.cancelled`` (or calls
+      ``job.checkCancelled()``) between steps.
     - ``poll()`` (GUI thread, e.g. from a QTimer) hands the posted messages to ``handlers[kind]``
       (``"progress"``: ``(fraction, message)``; a Logic adds its own kinds, e.g. HERMES's
       ``"prompts"``, which updates markups) and says whether compute has ended.
@@ -1012,6 +1021,20 @@ class SegQCJob:
         if self.cancelled:
             raise _Cancelled()
 
+    def callOnGui(self, function, *args):
+        """``function(*args)`` run on the GUI thread (at its next :meth:`poll`), its result returned
+        here: how ``compute`` reads MRML when it needs data piece by piece. Raises what ``function``
+        raises, or ``_Cancelled`` when the job is cancelled while waiting."""
+        if self._thread is None or threading.current_thread() is not self._thread:
+            return function(*args)
+        call = {"done": threading.Event()}
+        self._messages.put((_GUI_CALL, (function, args, call)))
+        while not call["done"].wait(0.05):
+            self.checkCancelled()
+        if "error" in call:
+            raise call["error"]
+        return call["value"]
+
     # called from the GUI thread
     def cancel(self) -> None:
         self._cancel.set()
@@ -1035,6 +1058,19 @@ class SegQCJob:
                 kind, args = self._messages.get_nowait()
             except queue.Empty:
                 break
+            if kind == _GUI_CALL:
+                function, callArgs, call = args
+                if self._cancel.is_set():  # compute has given up waiting: do not touch the scene for it
+                    call["error"] = _Cancelled()
+                    call["done"].set()
+                    continue
+                try:
+                    call["value"] = function(*callArgs)
+                except BaseException as err:  # handed back to compute
+                    call["error"] = err
+                finally:
+                    call["done"].set()
+                continue
             handler = self.handlers.get(kind)
             if handler is not None:
                 handler(*args)

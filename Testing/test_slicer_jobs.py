@@ -115,13 +115,27 @@ def test_batch_job_in_a_worker_and_its_errors(mni_case, logic, scene, slicer_env
     volumeNode, node, segmentId, degraded, truth = mni_case
     second = new_segmentation(scene, "good brain", volumeNode)
     add_segment(slicer, second, "Brain", truth, volumeNode)
+    events = []  # segments are exported one at a time, on the GUI thread, as the worker needs them
+    gui = threading.current_thread()
+    realSegmentMask = logic.segmentMask
+    logic.segmentMask = lambda *a: events.append(("export", threading.current_thread() is gui)) or realSegmentMask(*a)
     job = logic.batchSceneJob("atlas-brain-mr", device="cpu")
-    progress = []
-    drive(job, scene, {"progress": progress})
+    assert not events, "nothing is exported before the job runs"
+    job.handlers["progress"] = lambda *a: events.append(("progress", threading.current_thread() is gui))
+    drive(job, scene, {})
     table = job.finish()
     assert [table.GetTable().GetValueByName(i, "node").ToString() for i in range(table.GetNumberOfRows())] == \
         ["quick brain", "good brain"]  # worst first
-    assert all(onGui for onGui, _ in progress) and len(progress) == 2
+    assert events == [("progress", True), ("export", True)] * 2
+
+    # a segmentation removed from the scene while the batch runs gets an error row, the rest is scored
+    job = logic.batchSceneJob("atlas-brain-mr", device="cpu")
+    scene.RemoveNode(second)
+    drive(job, scene, {})
+    table = job.finish()
+    status = {table.GetTable().GetValueByName(i, "node").ToString(): table.GetTable().GetValueByName(i, "status").ToString()
+              for i in range(table.GetNumberOfRows())}
+    assert status["quick brain"] == "ok" and "removed from the scene" in status["good brain"]
 
     # an error in compute reaches the GUI thread through finish(), and nothing is written
     job = logic.assessSegmentJob(volumeNode, node, segmentId, "no-such-model", device="cpu")
@@ -130,3 +144,36 @@ def test_batch_job_in_a_worker_and_its_errors(mni_case, logic, scene, slicer_env
     with pytest.raises(Exception, match="no-such-model"):
         job.finish()
     assert scene.GetNumberOfNodes() == nodes
+
+
+def test_call_on_gui_runs_on_the_polling_thread_and_gives_up_on_cancel(slicer_env):
+    import SegQC
+
+    gui = threading.current_thread()
+    seen, late = [], []
+
+    def compute(job):
+        seen.append(job.callOnGui(lambda x: (x * 2, threading.current_thread() is gui), 21))
+        job.callOnGui(late.append, 1)  # the GUI thread does not answer this one: the job is cancelled instead
+        return "unreachable"
+
+    job = SegQC.SegQCJob("test", compute, lambda result: result)
+    job.start()
+    while not seen:
+        job.poll()
+        time.sleep(0.01)
+    assert seen == [(42, True)]
+    job.cancel()
+    assert job.wait(5.0)
+    assert job.finish() is None  # cancelled: finish writes nothing
+    assert late == []  # and the call compute stopped waiting for never runs
+
+    def failing(job):
+        return job.callOnGui(lambda: 1 / 0)
+
+    job = SegQC.SegQCJob("fails", failing, lambda result: result)
+    job.start()
+    while not job.poll():
+        time.sleep(0.01)
+    with pytest.raises(ZeroDivisionError):
+        job.finish()
