@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..models.qanet import QANetConfig, QANetQC, QANetResult, load_model
-from .qanet_data import SPLIT_SEEDS, QANetSamples, balance, generate_samples, seg_histogram
+from .qanet_data import SAMPLES_VERSION, SPLIT_SEEDS, QANetSamples, balance, generate_samples, seg_histogram
 
 #: Default sizes per dimensionality: simulated images per split, balanced training patches, epochs,
 #: patch side, width, rib convs, nucleus radius range (px) and the matching diameter range.
@@ -36,7 +36,7 @@ def sample_set(data_dir: Path, dims: int, split: str, n_images: int, patch: int,
     if split not in SPLIT_SEEDS:
         raise InputError(split, f"unknown split (choose {', '.join(SPLIT_SEEDS)})")
     data_dir = Path(data_dir)
-    path = data_dir / f"{split}-{dims}d-p{patch}-n{n_images}-{'+'.join(targets)}.npz"
+    path = data_dir / f"{split}-{dims}d-p{patch}-n{n_images}-{'+'.join(targets)}-v{SAMPLES_VERSION}.npz"
     if path.exists():
         return QANetSamples.load(path)
     data_dir.mkdir(parents=True, exist_ok=True)
