@@ -1046,10 +1046,6 @@ class SegQCJob:
         self._thread = threading.Thread(target=self._work, name=f"SegQC: {self.name}", daemon=True)
         self._thread.start()
 
-    @property
-    def running(self) -> bool:
-        return self._thread is not None and not self._ended.is_set()
-
     def poll(self) -> bool:
         """Deliver the posted messages to their handlers; True once compute has ended (and all were delivered)."""
         ended = self._ended.is_set()
