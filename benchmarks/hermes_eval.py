@@ -144,10 +144,16 @@ def main() -> None:
     parser.add_argument("--step", type=int, default=4, help="use every step-th axial slice with truth")
     parser.add_argument("--min-area", type=int, default=100, help="least truth pixels of a slice used")
     parser.add_argument("--model", default="atlas-brain-mr", help="the pGT model (it must not have seen the data)")
+    parser.add_argument("--no-tissue", action="store_true",
+                        help="atlas-brain-mr only: keep the bare registered atlas label (no cut to the image's tissue)")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("hermes_results.md"))
     args = parser.parse_args()
 
     model = load_model(args.model, "cpu")
+    if args.no_tissue:
+        if not hasattr(model, "tissue"):
+            raise SystemExit(f"--no-tissue applies to atlas-brain-mr, not {args.model}")
+        model.tissue = False
     start = time.perf_counter()
     rows = []
     for dataset in args.datasets:
@@ -157,10 +163,11 @@ def main() -> None:
     print(table)
     notes = "\n".join(f"- {d}: {desc}" for d, desc in {r["dataset"]: r["description"] for r in rows}.items())
     text = (f"# HERMES on held-out brain MRI\n\nMeasured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC with "
-            f"`benchmarks/hermes_eval.py --step {args.step} --min-area {args.min_area} --model {args.model}` on {platform.machine()} CPU "
+            f"`benchmarks/hermes_eval.py --step {args.step} --min-area {args.min_area} --model {args.model}"
+            f"{' --no-tissue' if args.no_tissue else ''}` on {platform.machine()} CPU "
             f"({time.perf_counter() - start:.0f} s in all, shared cores).\n\n{notes}\n\n"
             "Start: no mask; the first mask is the segmenter's output for a box over the whole slice. pGT: "
-            f"`{args.model}`. QC accuracy (paper Table 3): of the masks with true DSC < 0.8, the share with "
+            f"`{args.model}`{' without the tissue cut' if args.no_tissue else ''}. QC accuracy (paper Table 3): of the masks with true DSC < 0.8, the share with "
             "pseudo-DSC < 0.8; specificity and agreement as the script's docstring says. pGT true DSC: mean per-slice DSC of the "
             "pGT itself against the truth (what the loop steers towards). s: seconds per row (whole-box masks + "
             "refinement) on shared cores.\n\n" + table)

@@ -65,6 +65,7 @@ __all__ = [
     "METHODS",
     "REGISTRATION_ATLASES",
     "algorithmic_segmentations",
+    "dilate_mm",
     "region_growing_segmentation",
     "registration_segmentation",
     "registration_transform",
@@ -152,7 +153,7 @@ def _paste(shape: tuple[int, ...], box: Box, crop_mask: np.ndarray) -> np.ndarra
     return out
 
 
-def _dilate_mm(mask: np.ndarray, spacing: Sequence[float], radius_mm: float) -> np.ndarray:
+def dilate_mm(mask: np.ndarray, spacing: Sequence[float], radius_mm: float) -> np.ndarray:
     """Voxels within ``radius_mm`` (Euclidean, mm) of ``mask`` (z, y, x)."""
     image = sitk.GetImageFromArray(mask.astype(np.uint8))
     image.SetSpacing(tuple(float(s) for s in spacing[::-1]))
@@ -174,7 +175,7 @@ def _editable_area(inside: np.ndarray, spacing: Sequence[float], rng: np.random.
     if rng.random() < 0.5:
         return np.ones_like(inside), "box"
     radius = float(rng.uniform(1.0, 6.0))
-    return _dilate_mm(inside, spacing, radius), f"painted{radius:.0f}mm"
+    return dilate_mm(inside, spacing, radius), f"painted{radius:.0f}mm"
 
 
 def _with_tag(name: str, *tags: str) -> str:

@@ -61,7 +61,7 @@ def register_builtin_models() -> None:
         from .atlas import MODEL_NAME, load_model
 
         register_model(MODEL_NAME, load_model, "pGT from an affinely registered brain atlas (Colin27 AAL/brain, "
-                       "MNI152 tissue/brain): DSC/HD95 vs pGT", "reconstruction", priority=0)
+                       "MNI152 tissue/brain) fitted to the T1 image's brain tissue: DSC/HD95 vs pGT", "reconstruction", priority=0)
 
 
 register_installed_models()
