@@ -384,6 +384,7 @@ def train_sentinel_cmd(
     context_mm: float = typer.Option(128.0, "--context-mm", help="Side of the fixed-size context view in mm (0: off, the papers' 2 channels)."),
     per_band: int = typer.Option(3, "--per-band", help="Degraded volumes per DSC band and structure."),
     algorithmic: int = typer.Option(4, "--algorithmic", help="Algorithmic segmentations per structure."),
+    strip_prob: float = typer.Option(0.3, "--strip-prob", help="Chance a training volume is shown skull-stripped (0: never)."),
     seed: int = typer.Option(0, "--seed"),
     install: bool = typer.Option(False, "--install", help="Copy the best model into Resources/Models with its card."),
 ) -> None:
@@ -395,7 +396,9 @@ def train_sentinel_cmd(
 
     data_dir = out / "data"
     config = SentinelConfig(backbone=backbone, widen=widen, size=size, context_mm=context_mm)
-    train_set = sample_set(data_dir, "train", config, per_band, algorithmic, log=console.print)
+    if not 0.0 <= strip_prob <= 1.0:
+        raise InputError("--strip-prob", f"must be in [0, 1], got {strip_prob}")
+    train_set = sample_set(data_dir, "train", config, per_band, algorithmic, log=console.print, strip_prob=strip_prob)
     val_set = sample_set(data_dir, "val", config, per_band, algorithmic, log=console.print)
     if text_encoder == "onehot":
         encoder = OneHotTextEncoder(sorted(set(train_set.names) | set(val_set.names)))
@@ -406,7 +409,7 @@ def train_sentinel_cmd(
     best = train(out, train_set, val_set, config, options, encoder, log=console.print)
     results = evaluate_model(best, data_dir, log=console.print)
     console.print(format_report(results))
-    extra = card_extra(config, options, train_set, val_set)
+    extra = card_extra(config, options, train_set, val_set, strip_prob)
     card = write_card(best, out / name, name, results, extra)
     console.print(f"model card: {card}")
     if install:

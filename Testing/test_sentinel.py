@@ -268,3 +268,33 @@ def test_shipped_model_ranks_degradations_and_scores_empty_and_wrong_masks_low()
     assert score(np.zeros_like(held_out), "Hippocampus_L") <= 0.2
     card = json.loads(SHIPPED.read_text())
     assert card["metrics"]["test-structures"]["volume_bands"]["n"] > 0  # numbers measured by segqc eval
+
+
+@needs_mricron
+def test_skull_stripped_samples_change_only_the_image() -> None:
+    from SegQCLib.data.sources import colin27
+    from SegQCLib.train.sentinel_data import _brain_of, _skull_stripped, build_samples
+
+    subject = colin27("aal")
+    brain = _brain_of(subject)
+    assert brain is not None and brain.shape == subject.image.shape and brain.any()
+    stripped = _skull_stripped(subject.image.array, brain, subject.image.spacing, 2.0)
+    assert np.array_equal(stripped[brain], subject.image.array[brain])
+    assert not stripped[~dilate(brain, 3)].any() and subject.image.array[~dilate(brain, 3)].any()
+
+    config = _tiny_config(2)
+    config.context_mm = 128.0  # a view wide enough to hold the skull
+    kwargs = dict(seed=0, per_band=1, extra_slices=0, algorithmic=0, progress=False, structures=["Pallidum_L"],
+                  kinds=("degraded", "good"))
+    plain = build_samples("val", config, strip_prob=0.0, **kwargs)
+    skull_free = build_samples("val", config, strip_prob=1.0, **kwargs)
+    assert np.array_equal(plain.volume_dsc, skull_free.volume_dsc)
+    assert np.array_equal(plain.x[:, [1, 3]], skull_free.x[:, [1, 3]])  # channels: crop image, mask, context image, mask
+    zeros = [float((s.x[:, 2] == 0).mean()) for s in (plain, skull_free)]
+    assert zeros[1] > zeros[0] + 0.05  # the skull around the brain is gone from the context views
+
+
+def dilate(mask: np.ndarray, iterations: int) -> np.ndarray:
+    from scipy import ndimage
+
+    return ndimage.binary_dilation(mask, iterations=iterations)

@@ -14,16 +14,20 @@ SPLIT_SEEDS = {"train": 0, "val": 1, "test-structures": 2, "test-subject": 3}
 
 
 def sample_set(data_dir: Path, split: str, config: SentinelConfig, per_band: int = 3, algorithmic: int = 4,
-               progress: bool = True, log=print) -> SampleSet:
-    """The samples of ``split`` for ``config``'s input geometry, built once and cached in ``data_dir``."""
+               progress: bool = True, log=print, strip_prob: float = 0.0) -> SampleSet:
+    """The samples of ``split`` for ``config``'s input geometry, built once and cached in ``data_dir``.
+    ``strip_prob`` (skull-stripped images, see :func:`build_samples`) applies to the train split only."""
+    strip_prob = strip_prob if split == "train" else 0.0
     tag = f"{split}-s{config.size}-m{config.margin_px}-c{config.context_mm:g}-b{per_band}-a{algorithmic}"
+    tag += f"-p{strip_prob:g}" if strip_prob > 0 else ""
     path = data_dir / f"{tag}.npz"
     if path.exists():
         return SampleSet.load(path)
     data_dir.mkdir(parents=True, exist_ok=True)
     log(f"building {split} samples -> {path}")
     samples = build_samples(split, config, seed=SPLIT_SEEDS[split], per_band=per_band,
-                            extra_slices=6 if split == "train" else 0, algorithmic=algorithmic, progress=progress)
+                            extra_slices=6 if split == "train" else 0, algorithmic=algorithmic, progress=progress,
+                            strip_prob=strip_prob)
     tmp = path.with_name(path.stem + ".tmp.npz")
     samples.save(tmp)
     tmp.replace(path)
@@ -62,7 +66,8 @@ def format_report(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def card_extra(config: SentinelConfig, options, train_set: SampleSet, val_set: SampleSet) -> dict[str, Any]:
+def card_extra(config: SentinelConfig, options, train_set: SampleSet, val_set: SampleSet,
+               strip_prob: float = 0.0) -> dict[str, Any]:
     """What a Sentinel model card says about its data, splits and training (besides measured metrics)."""
     from .sentinel_data import HELD_OUT_AAL, VAL_AAL
 
@@ -79,6 +84,8 @@ def card_extra(config: SentinelConfig, options, train_set: SampleSet, val_set: S
             "test-subject": "MNI152: GreyMatter, WhiteMatter, Brain (a subject never seen in training)",
             "masks": "per structure: 3 degraded masks in each of the 5 nnQC DSC bands, 3 nearly perfect, 1 empty, "
                      "3 of another structure, 4 algorithmic (threshold / region growing / registration)",
+            "train_skull_stripped": (f"each training volume shown skull-stripped (Colin27's brain mask dilated "
+                                     f"1-3 mm) with probability {strip_prob:g}") if strip_prob > 0 else "none",
             "train_slices": int(len(train_set.x)), "train_volumes": int(len(train_set.volume_dsc)),
             "val_slices": int(len(val_set.x)),
         },

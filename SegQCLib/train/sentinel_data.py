@@ -158,40 +158,74 @@ def _masks_for(subject: LabelledSubject, structure: str, others: list[str], rng:
             yield "algorithmic", np.asarray(mask, bool)
 
 
+#: Skull-stripping radii (mm) of the brain mask a stripped training image is cut with.
+STRIP_RADII_MM = (1.0, 2.0, 3.0)
+
+
+def _brain_of(subject: LabelledSubject) -> np.ndarray | None:
+    """The subject's own brain mask on its image grid (Colin27: ch2bet), or None if it has none."""
+    if subject.subject != "colin27":
+        return None
+    brain = colin27("brain")
+    return brain.segmentation.mask("Brain") if brain.image.grid == subject.image.grid else None
+
+
+def _skull_stripped(image: np.ndarray, brain: np.ndarray, spacing, radius_mm: float) -> np.ndarray:
+    """``image`` with everything farther than ``radius_mm`` from ``brain`` set to 0 (a skull-stripped T1)."""
+    from ..data.algorithmic import dilate_mm
+
+    return np.where(dilate_mm(brain, spacing, radius_mm), image, 0).astype(image.dtype, copy=False)
+
+
 def build_samples(split: str, config: SentinelConfig, seed: int = 0, per_band: int = 3, extra_slices: int = 6,
                   algorithmic: int = 2, progress: bool = True, structures: list[str] | None = None,
-                  kinds: tuple[str, ...] = KINDS) -> SampleSet:
+                  kinds: tuple[str, ...] = KINDS, strip_prob: float = 0.0) -> SampleSet:
     """Generate the sample set of ``split`` (see module docstring), seeded.
 
     per_band: degraded volumes per DSC band and structure; extra_slices: random slices of
     (mask | truth) added to the 10 volume slices of each sample volume (0 for evaluation sets).
+    strip_prob: chance that a sample volume shows its subject's image skull-stripped (its own
+    brain mask dilated by one of :data:`STRIP_RADII_MM`, then normalised on its own), where the
+    subject has a brain mask: skull-stripped inputs are common, and the test subject MNI152 is one.
     """
     from rich.progress import Progress
 
     rng = np.random.default_rng(seed)
+    strip_rng = np.random.default_rng([seed, 1])  # its own stream: stripping never changes the masks drawn
     pairs = split_structures(split)
     if structures:
         pairs = [p for p in pairs if p[1] in structures]
     names: list[str] = []
     xs, name_idx, dscs, areas, vols, in_vol = [], [], [], [], [], []
     v_dsc, v_name, v_kind, v_subject = [], [], [], []
-    image_cache: dict[int, tuple] = {}
+    image_cache: dict[tuple, tuple] = {}  # (grid, image name, strip radius) -> (axes, flips, spacing_yx, image01)
     with Progress(disable=not progress, transient=False) as bar:
         task = bar.add_task(f"samples {split}", total=len(pairs))
         for subject, structure in pairs:
-            key = id(subject.image)
-            if key not in image_cache:
-                axes, flips = ras_axes(subject.image.grid.direction)
-                spacing_yx = (subject.image.grid.spacing[axes[1]], subject.image.grid.spacing[axes[2]])
-                image_cache[key] = (axes, flips, spacing_yx,
-                                    normalise_image(to_ras(subject.image.array, axes, flips), config))
-            axes, flips, spacing_yx, image01 = image_cache[key]
+            brain = _brain_of(subject) if strip_prob > 0 else None
+
+            def image_for(radius_mm: float | None, subject=subject, brain=brain) -> tuple:
+                key = (subject.image.grid, subject.image.name, radius_mm)
+                if key not in image_cache:
+                    array = subject.image.array
+                    if radius_mm is not None:
+                        array = _skull_stripped(array, brain, subject.image.spacing, radius_mm)
+                    axes, flips = ras_axes(subject.image.grid.direction)
+                    spacing_yx = (subject.image.grid.spacing[axes[1]], subject.image.grid.spacing[axes[2]])
+                    image_cache[key] = (axes, flips, spacing_yx, normalise_image(to_ras(array, axes, flips), config))
+                return image_cache[key]
+
+            axes, flips, spacing_yx, _ = image_for(None)
             truth = np.ascontiguousarray(to_ras(subject.segmentation.mask(structure), axes, flips))
             shown = display_name(subject.source, structure)
             if shown not in names:
                 names.append(shown)
             others = [s.name for s in subject.segmentation.segments if s.name != structure]
             for kind, mask in _masks_for(subject, structure, others, rng, per_band, algorithmic, kinds):
+                radius = None
+                if brain is not None and strip_rng.random() < strip_prob:
+                    radius = float(strip_rng.choice(STRIP_RADII_MM))
+                image01 = image_for(radius)[3]
                 mask = np.ascontiguousarray(to_ras(mask, axes, flips))
                 volume_id = len(v_dsc)
                 v_dsc.append(dice(mask, truth))
