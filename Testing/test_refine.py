@@ -311,8 +311,8 @@ def test_refine_volume_touches_only_flagged_slices_and_copies_the_mask(small_cas
     assert result.slices == [2, 5] and done == [(1, 2), (2, 2)]
     untouched = [k for k in range(mask.shape[0]) if k not in (2, 5)]
     assert np.array_equal(result.mask[untouched], mask[untouched])
-    for k in (2, 5):
-        assert dice(result.mask[k], truth[k]) > max(dice(mask[k], truth[k]), 0.85)
+    for k in (2, 5):  # the pGT is the truth here, so the loop stops once the true DSC reaches 0.8
+        assert dice(result.mask[k], truth[k]) >= 0.8 > dice(mask[k], truth[k])
     data = json.loads(json.dumps(result.to_json_dict()))
     assert data["slices_refined"] == [2, 5]
     assert result.mask.dtype == bool and result.mask.shape == mask.shape
