@@ -384,7 +384,8 @@ def train_sentinel_cmd(
     context_mm: float = typer.Option(128.0, "--context-mm", help="Side of the fixed-size context view in mm (0: off, the papers' 2 channels)."),
     per_band: int = typer.Option(3, "--per-band", help="Degraded volumes per DSC band and structure."),
     algorithmic: int = typer.Option(4, "--algorithmic", help="Algorithmic segmentations per structure."),
-    strip_prob: float = typer.Option(0.3, "--strip-prob", help="Chance a training volume is shown skull-stripped (0: never)."),
+    strip_prob: float = typer.Option(0.0, "--strip-prob", help="Chance a training volume is shown skull-stripped "
+                                     "(0: never; benchmarks/sentinel_skull_strip.md measures 0.3)."),
     seed: int = typer.Option(0, "--seed"),
     install: bool = typer.Option(False, "--install", help="Copy the best model into Resources/Models with its card."),
 ) -> None:
