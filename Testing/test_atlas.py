@@ -97,3 +97,14 @@ def test_tissue_cut_brings_the_pgt_closer_to_the_truth():
 
     assert per_slice(pgt_cut) > per_slice(pgt_bare) + 0.03  # measured 0.964 vs 0.887
     assert cut.assess(subject.image, truth, "Brain").extra["tissue_refined"] is True
+
+
+def test_other_structures_are_cut_to_the_brain_tissue():
+    from SegQCLib.models.atlas import AtlasQC
+
+    subject = mni152("brain")  # atlas Colin27 AAL
+    cut, bare = AtlasQC(), AtlasQC(tissue=False)
+    pgt = cut.pseudo_ground_truth(subject.image, "Precentral_L")
+    label = bare.pseudo_ground_truth(subject.image, "Precentral_L")
+    assert np.array_equal(pgt, label & cut.tissue_mask(subject.image))
+    assert 0.8 < pgt.sum() / label.sum() < 0.97  # a gyrus loses its sulcal CSF (measured 0.91), not itself
