@@ -146,10 +146,10 @@ class AtlasQC:
         name = next(s.name for s in atlas.segmentation.segments if s.name.lower() == label.strip().lower())
         return propagate_label(atlas, image, name, transform)
 
-    def tissue_mask(self, image: Volume) -> np.ndarray:
+    def tissue_mask(self, image: Volume, key: str | None = None) -> np.ndarray:
         """:func:`brain_tissue_mask` of ``image`` around the registered atlas brain: bool (z, y, x),
-        kept for the last image seen."""
-        key = _fingerprint(image)
+        kept for the last image seen. ``key``: the image's fingerprint, if already computed."""
+        key = key or _fingerprint(image)
         if key not in self._tissue:
             outline = self._propagated(image, BRAIN_LABEL, key)
             self._tissue = {key: brain_tissue_mask(image.array, outline, image.spacing)}
@@ -160,11 +160,12 @@ class AtlasQC:
         pGT is :meth:`tissue_mask` and any other structure's is its atlas label cut to it. The
         registration is cached per (atlas, image content) for the process, so later calls on the
         same image are fast."""
+        key = _fingerprint(image)
         if not self.tissue:
-            return self._propagated(image, label, _fingerprint(image))
+            return self._propagated(image, label, key)
         if label.strip().lower() == BRAIN_LABEL.lower():
-            return self.tissue_mask(image).copy()  # may reach past the atlas outline, by up to the margin
-        return self._propagated(image, label, _fingerprint(image)) & self.tissue_mask(image)
+            return self.tissue_mask(image, key).copy()  # may reach past the atlas outline, by up to the margin
+        return self._propagated(image, label, key) & self.tissue_mask(image, key)
 
     def assess(self, image: Volume, mask: np.ndarray, label: str, *, threshold: float = DEFAULT_FLAG_THRESHOLD,
                all_slices: bool = True) -> QCResult:

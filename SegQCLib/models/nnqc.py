@@ -78,7 +78,8 @@ class NNQCConfig:
         (prediction_type "v_prediction", "epsilon" as the paper, or "sample").
     ddim_steps: DDIM sampling steps at inference. seed: seed of the sampling noise (reproducible pGT).
     batch_size: slices per forward pass at inference (a whole 100-slice volume fits in one pass of
-        the 64 px network: ~8x faster than slice by slice on CPU, see benchmarks/bench_nnqc.py). modality: "MR" or "CT" (image scaling for E2).
+        the 64 px network: ~7x faster than slice by slice on CPU, see benchmarks/bench_nnqc.py).
+    modality: "MR" or "CT" (image scaling for E2).
     """
 
     structures: tuple[str, ...] = ("Brain",)

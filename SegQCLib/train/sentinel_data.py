@@ -177,6 +177,21 @@ def _skull_stripped(image: np.ndarray, brain: np.ndarray, spacing, radius_mm: fl
     return np.where(dilate_mm(brain, spacing, radius_mm), image, 0).astype(image.dtype, copy=False)
 
 
+def _view(subject: LabelledSubject, brain: np.ndarray | None, radius_mm: float | None, config: SentinelConfig,
+          cache: dict[tuple, tuple]) -> tuple:
+    """(axes, flips, spacing_yx, image01) of the subject's image in RAS order, normalised, skull-stripped
+    with ``brain`` at ``radius_mm`` (None: as it is); kept in ``cache`` per (grid, image, radius)."""
+    key = (subject.image.grid, subject.image.name, radius_mm)
+    if key not in cache:
+        array = subject.image.array
+        if radius_mm is not None:
+            array = _skull_stripped(array, brain, subject.image.spacing, radius_mm)
+        axes, flips = ras_axes(subject.image.grid.direction)
+        spacing_yx = (subject.image.grid.spacing[axes[1]], subject.image.grid.spacing[axes[2]])
+        cache[key] = (axes, flips, spacing_yx, normalise_image(to_ras(array, axes, flips), config))
+    return cache[key]
+
+
 def build_samples(split: str, config: SentinelConfig, seed: int = 0, per_band: int = 3, extra_slices: int = 6,
                   algorithmic: int = 2, progress: bool = True, structures: list[str] | None = None,
                   kinds: tuple[str, ...] = KINDS, strip_prob: float = 0.0) -> SampleSet:
@@ -198,24 +213,15 @@ def build_samples(split: str, config: SentinelConfig, seed: int = 0, per_band: i
     names: list[str] = []
     xs, name_idx, dscs, areas, vols, in_vol = [], [], [], [], [], []
     v_dsc, v_name, v_kind, v_subject = [], [], [], []
-    image_cache: dict[tuple, tuple] = {}  # (grid, image name, strip radius) -> (axes, flips, spacing_yx, image01)
+    views: dict[tuple, tuple] = {}  # see _view
+    brains: dict = {}  # image grid -> the subject's brain mask (or None), for skull stripping
     with Progress(disable=not progress, transient=False) as bar:
         task = bar.add_task(f"samples {split}", total=len(pairs))
         for subject, structure in pairs:
-            brain = _brain_of(subject) if strip_prob > 0 else None
-
-            def image_for(radius_mm: float | None, subject=subject, brain=brain) -> tuple:
-                key = (subject.image.grid, subject.image.name, radius_mm)
-                if key not in image_cache:
-                    array = subject.image.array
-                    if radius_mm is not None:
-                        array = _skull_stripped(array, brain, subject.image.spacing, radius_mm)
-                    axes, flips = ras_axes(subject.image.grid.direction)
-                    spacing_yx = (subject.image.grid.spacing[axes[1]], subject.image.grid.spacing[axes[2]])
-                    image_cache[key] = (axes, flips, spacing_yx, normalise_image(to_ras(array, axes, flips), config))
-                return image_cache[key]
-
-            axes, flips, spacing_yx, _ = image_for(None)
+            if strip_prob > 0 and subject.image.grid not in brains:
+                brains[subject.image.grid] = _brain_of(subject)
+            brain = brains.get(subject.image.grid)
+            axes, flips, spacing_yx, _ = _view(subject, brain, None, config, views)
             truth = np.ascontiguousarray(to_ras(subject.segmentation.mask(structure), axes, flips))
             shown = display_name(subject.source, structure)
             if shown not in names:
@@ -225,7 +231,7 @@ def build_samples(split: str, config: SentinelConfig, seed: int = 0, per_band: i
                 radius = None
                 if brain is not None and strip_rng.random() < strip_prob:
                     radius = float(strip_rng.choice(STRIP_RADII_MM))
-                image01 = image_for(radius)[3]
+                image01 = _view(subject, brain, radius, config, views)[3]
                 mask = np.ascontiguousarray(to_ras(mask, axes, flips))
                 volume_id = len(v_dsc)
                 v_dsc.append(dice(mask, truth))
