@@ -295,3 +295,20 @@ def test_shipped_model_prefers_the_truth_to_a_damaged_segmentation(key, shape, r
     good = model.assess_instances(image, labels, overlap=0.0).image_score
     bad = model.assess_instances(image, eroded, overlap=0.0).image_score
     assert good > 0.7 and bad < good - 0.2, (good, bad)
+
+
+def test_stack_slice_samples_are_2d_patches_of_simulated_stacks() -> None:
+    """The 2D model's extra training data: patches of z slices of simulated 3D stacks."""
+    from SegQCLib.train.qanet_data import generate_samples
+
+    kw = dict(patch=32, image_shape=(64, 64), radius_range=(5.0, 7.0), targets=("seg",), progress=False)
+    stacks = generate_samples(2, 3, seed=4, stack_slices=True, **kw)
+    again = generate_samples(2, 3, seed=4, stack_slices=True, **kw)
+    planar = generate_samples(2, 3, seed=4, **kw)
+    assert len(stacks) > 10 and stacks.image.shape[1:] == (32, 32) and stacks.tri.shape[1:] == (32, 32)
+    assert np.array_equal(stacks.image, again.image) and np.array_equal(stacks.seg, again.seg)
+    assert len(stacks) != len(planar) or not np.array_equal(stacks.image, planar.image)
+    assert np.all((stacks.seg >= 0) & (stacks.seg <= 1))
+    assert set(np.unique(stacks.tri)) <= {0, 1, 2} and (stacks.tri == 2).any()
+    with pytest.raises(ValueError, match="stack_slices"):
+        generate_samples(3, 1, seed=4, stack_slices=True, patch=16, progress=False)

@@ -21,29 +21,39 @@ from ..models.qanet import QANetConfig, QANetQC, QANetResult, load_model
 from .qanet_data import SAMPLES_VERSION, SPLIT_SEEDS, QANetSamples, balance, generate_samples, seg_histogram
 
 #: Default sizes per dimensionality: simulated images per split, balanced training patches, epochs,
-#: patch side, width, rib convs, nucleus radius range (px) and the matching diameter range.
+#: patch side, width, rib convs, nucleus radius range (px) and the matching diameter range; for 2D
+#: also simulated 3D stacks per split whose z slices are added (``stack_*``, see ``generate_samples``).
 DEFAULTS: dict[int, dict[str, Any]] = {
-    2: {"train": 1600, "val": 120, "test": 150, "train_patches": 24000, "epochs": 12, "patch": 64, "width": 0.5,
-        "rib_convs": 1, "batch_size": 64, "radius_range": (5.0, 15.0), "diameter_range": (10.0, 30.0)},
+    2: {"train": 1600, "val": 120, "test": 150, "train_patches": 28000, "epochs": 12, "patch": 64, "width": 0.5,
+        "rib_convs": 1, "batch_size": 64, "radius_range": (5.0, 15.0), "diameter_range": (10.0, 30.0),
+        "stack_train": 360, "stack_val": 40, "stack_test": 60},
     3: {"train": 520, "val": 40, "test": 60, "train_patches": 8000, "epochs": 14, "patch": 24, "width": 0.25,
         "rib_convs": 1, "batch_size": 32, "radius_range": (4.5, 8.5), "diameter_range": (8.0, 17.0)},
 }
 
 
+#: Added to a split's seed for its simulated stacks, so that no stack shares a seed with a 2D image.
+STACK_SEED_OFFSET = 100
+
+
 def sample_set(data_dir: Path, dims: int, split: str, n_images: int, patch: int,
-               targets: tuple[str, ...] = ("seg", "nemhd"), progress: bool = True, log=print) -> QANetSamples:
-    """The (unbalanced) patches of ``split`` (train / val / test), built once and cached in ``data_dir``."""
+               targets: tuple[str, ...] = ("seg", "nemhd"), stack_slices: bool = False, progress: bool = True,
+               log=print) -> QANetSamples:
+    """The (unbalanced) patches of ``split`` (train / val / test), built once and cached in ``data_dir``;
+    ``stack_slices``: 2D patches of z slices of ``n_images`` simulated 3D stacks instead."""
     if split not in SPLIT_SEEDS:
         raise InputError(split, f"unknown split (choose {', '.join(SPLIT_SEEDS)})")
     data_dir = Path(data_dir)
-    path = data_dir / f"{split}-{dims}d-p{patch}-n{n_images}-{'+'.join(targets)}-v{SAMPLES_VERSION}.npz"
+    kind = "-stack" if stack_slices else ""
+    path = data_dir / f"{split}-{dims}d{kind}-p{patch}-n{n_images}-{'+'.join(targets)}-v{SAMPLES_VERSION}.npz"
     if path.exists():
         return QANetSamples.load(path)
     data_dir.mkdir(parents=True, exist_ok=True)
-    log(f"simulating {n_images} {dims}D images for the {split} split -> {path}")
+    log(f"simulating {n_images} {'3D stacks (2D slices)' if stack_slices else f'{dims}D images'} for the {split} split -> {path}")
     radius_range = DEFAULTS[dims]["radius_range"]
-    samples = generate_samples(dims, n_images, seed=SPLIT_SEEDS[split], patch=patch, radius_range=radius_range,
-                               targets=targets, progress=progress)
+    seed = SPLIT_SEEDS[split] + (STACK_SEED_OFFSET if stack_slices else 0)
+    samples = generate_samples(dims, n_images, seed=seed, patch=patch, radius_range=radius_range,
+                               targets=targets, stack_slices=stack_slices, progress=progress)
     samples.save(path)
     log(f"  {len(samples)} patches, SEG histogram {seg_histogram(samples.seg)}")
     return samples
@@ -54,7 +64,8 @@ def train_qanet(out: Path, dims: int = 2, name: str | None = None, fusion: str =
                 epochs: int | None = None, batch_size: int | None = None, lr: float = 2e-3,
                 targets: tuple[str, ...] = ("seg", "nemhd"), train_images: int | None = None,
                 val_images: int | None = None, test_images: int | None = None, train_patches: int | None = None,
-                data_dir: Path | None = None, threads: int = 1, device: str = "auto",
+                stack_images: tuple[int, int, int] | None = None, data_dir: Path | None = None, threads: int = 1,
+                device: str = "auto",
                 max_minutes: float | None = None, seed: int = 0, progress: bool = True, log=print) -> tuple[Path, dict]:
     """Train a QANet on simulated nuclei and write ``out/<name>.{json,safetensors}``.
 
@@ -64,6 +75,8 @@ def train_qanet(out: Path, dims: int = 2, name: str | None = None, fusion: str =
         fusion / encoding: ``ribcage|naive|siamese`` / ``trinary|binary`` (ablations).
         width, patch, epochs, batch_size, lr, train/val/test_images, train_patches: override
             :data:`DEFAULTS`. targets: predicted measures (``"seg"`` first).
+        stack_images: (train, val, test) simulated 3D stacks whose z-slice patches join the 2D
+            splits (default ``DEFAULTS[2]["stack_*"]``; (0, 0, 0) for plain 2D images only).
         data_dir: sample cache (default ``out/../qanet-data``, shared by runs).
         threads: torch CPU threads; device: auto | cpu | cuda; max_minutes: stop after the epoch
             that passes this wall-clock budget.
@@ -85,27 +98,43 @@ def train_qanet(out: Path, dims: int = 2, name: str | None = None, fusion: str =
                          rib_convs=d["rib_convs"], patch=patch, targets=tuple(targets),
                          diameter_range=d["diameter_range"])
     n_img = {"train": train_images or d["train"], "val": val_images or d["val"], "test": test_images or d["test"]}
-    pool = sample_set(data_dir, dims, "train", n_img["train"], patch, progress=progress, log=log)
+    n_stack = dict(zip(("train", "val", "test"), stack_images if stack_images is not None else
+                       (d.get("stack_train", 0), d.get("stack_val", 0), d.get("stack_test", 0))))
+
+    def split_set(split: str) -> QANetSamples:
+        planar = sample_set(data_dir, dims, split, n_img[split], patch, progress=progress, log=log)
+        if dims != 2 or not n_stack[split]:
+            return planar
+        stacks = sample_set(data_dir, dims, split, n_stack[split], patch, stack_slices=True, progress=progress, log=log)
+        return QANetSamples.concat([planar, stacks])
+
+    pool = split_set("train")
     train_set = balance(pool, n=min(train_patches or d["train_patches"], len(pool)), seed=seed)
-    val_set = sample_set(data_dir, dims, "val", n_img["val"], patch, progress=progress, log=log)
+    val_set = split_set("val")
     log(f"training patches (balanced): {len(train_set)}, SEG histogram {seg_histogram(train_set.seg)}")
     options = QANetTrainOptions(epochs=int(epochs or d["epochs"]), batch_size=int(batch_size or d["batch_size"]),
                                 lr=lr, seed=seed, threads=threads, device=device, max_minutes=max_minutes)
     best = train(out, train_set, val_set, config, options, progress=progress, log=log)
     model = load_model(best, device)
-    test_set = sample_set(data_dir, dims, "test", n_img["test"], patch, progress=progress, log=log)
     from .qanet_train import evaluate_model
 
+    test_set = sample_set(data_dir, dims, "test", n_img["test"], patch, progress=progress, log=log)
     report = evaluate_model(model, test_set)
+    metrics = {"test_simulated": report}
+    if dims == 2 and n_stack["test"]:
+        stack_test = sample_set(data_dir, dims, "test", n_stack["test"], patch, stack_slices=True,
+                                progress=progress, log=log)
+        metrics["test_simulated_stack_slices"] = evaluate_model(model, stack_test)
     card = json.loads(best.read_text())
     card.update({
         "name": name,
         "description": f"QANet {dims}D ({fusion}, {encoding}): predicted SEG of fluorescence-nuclei instance "
                        "segmentations, trained on simulated nuclei only",
         "priority": 0,
-        "metrics": {"test_simulated": report},
+        "metrics": metrics,
         "data": {"simulator": "SegQCLib.data.cells (parameters randomised around cells3d and the scratch assay)",
-                 "images": n_img, "seeds": dict(SPLIT_SEEDS), "patch": patch,
+                 "images": n_img, "stack_images": n_stack if dims == 2 else {}, "seeds": dict(SPLIT_SEEDS),
+                 "stack_seed_offset": STACK_SEED_OFFSET, "patch": patch,
                  "radius_range_px": list(d["radius_range"]), "train_patches": len(train_set),
                  "train_seg_histogram": seg_histogram(train_set.seg), "test_patches": len(test_set),
                  "test_seg_histogram": seg_histogram(test_set.seg)},
@@ -113,7 +142,7 @@ def train_qanet(out: Path, dims: int = 2, name: str | None = None, fusion: str =
     })
     net = model.net.cpu()
     card_path = save_model(net, config, out / name, card)
-    log(format_report({"test_simulated": report}))
+    log(format_report(metrics))
     return card_path, report
 
 
@@ -131,7 +160,13 @@ def evaluate_qanet(card: str | Path, data_dir: Path | None = None, device: str =
     n_images = int(info.get("images", {}).get("test", DEFAULTS[dims]["test"]))
     data_dir = Path(data_dir) if data_dir else Path("runs") / "qanet-data"
     test_set = sample_set(data_dir, dims, "test", n_images, model.config.patch, progress=progress, log=log)
-    return {"test_simulated": evaluate_model(model, test_set)}
+    results = {"test_simulated": evaluate_model(model, test_set)}
+    n_stacks = int(info.get("stack_images", {}).get("test", 0))
+    if n_stacks:
+        stack_test = sample_set(data_dir, dims, "test", n_stacks, model.config.patch, stack_slices=True,
+                                progress=progress, log=log)
+        results["test_simulated_stack_slices"] = evaluate_model(model, stack_test)
+    return results
 
 
 def format_report(results: dict[str, Any]) -> str:

@@ -26,6 +26,10 @@ of its voxels lie inside (slivers cut by the patch edge are removed from the GT 
 scoring; the network input is not changed). Patches without a counted GT object are skipped
 (SEG is undefined there). The patch SEG histogram is then flattened (:func:`balance`).
 
+For the 2D model, part of the pool are patches of z slices of simulated 3D stacks
+(``stack_slices``): a 2D model scoring a real z stack slice by slice meets nucleus caps cut by the
+focal plane and z blur, which plain 2D images never show.
+
 Splits are fixed by seed (train 0, val 1, test 2): a held-out test set never shares a simulated
 image with training.
 """
@@ -272,10 +276,18 @@ def _default_geometry(dims: int, patch: int) -> dict:
     return {"image_shape": (max(patch + 8, 32), 3 * patch, 3 * patch), "radius_range": (4.5, 8.5), "patches": 6}
 
 
+def _stack_depth(params, rng: np.random.Generator) -> int:
+    """Depth (z px) of a simulated stack whose z slices become 2D samples: 1-3 nucleus heights, so that
+    slices through the middle, the caps and the out-of-focus haze of nuclei all occur."""
+    height = 2.0 * params.radius * params.z_ratio
+    return int(np.clip(rng.uniform(1.0, 3.0) * height, 8, 48))
+
+
 def generate_samples(dims: int, n_images: int, seed: int, patch: int = 64, perturbations: int = 3,
                      patches_per_perturbation: int | None = None, image_shape: tuple[int, ...] | None = None,
                      radius_range: tuple[float, float] | None = None, targets: tuple[str, ...] = ("seg", "nemhd"),
-                     fill_range: tuple[float, float] = FILL_RANGE, progress: bool = True, log=print) -> QANetSamples:
+                     fill_range: tuple[float, float] = FILL_RANGE, stack_slices: bool = False,
+                     progress: bool = True, log=print) -> QANetSamples:
     """A pool of samples from ``n_images`` simulated images (``perturbations`` erroneous segmentations
     each, ``patches_per_perturbation`` random patches of each).
 
@@ -284,7 +296,16 @@ def generate_samples(dims: int, n_images: int, seed: int, patch: int = 64, pertu
     2D, 4.5-8.5 in 3D); fill_range: share of the image covered by nuclei (drawn log-uniformly).
     Image ``i`` uses seed ``seed * 1_000_003 + i``, so splits with different
     ``seed`` never share an image. Not balanced: see :func:`balance`.
+
+    stack_slices (2D only): each "image" is a simulated 3D stack (in-plane ``image_shape``, depth
+    :func:`_stack_depth`, 3D PSF), perturbed in 3D as a 3D method would err, and the 2D samples are
+    patches of random z slices, the image normalised over the whole stack — exactly what the 2D
+    model sees when it scores a z stack slice by slice (:meth:`QANetQC.assess_instances` on a 3D
+    input). Plain 2D images have no nucleus caps cut by the focal plane nor z blur, and a 2D model
+    trained only on them failed on the top and bottom slices of real stacks (cells3d).
     """
+    if stack_slices and dims != 2:
+        raise ValueError("stack_slices is for 2D samples (slices of simulated 3D stacks)")
     geometry = _default_geometry(dims, patch)
     shape = tuple(image_shape or geometry["image_shape"])
     radius_range = tuple(radius_range or geometry["radius_range"])
@@ -296,34 +317,42 @@ def generate_samples(dims: int, n_images: int, seed: int, patch: int = 64, pertu
         task = bar.add_task(f"simulating {dims}D (seed {seed})", total=n_images)
         for i in range(n_images):
             rng = np.random.default_rng(seed * 1_000_003 + i)
-            params = random_parameters(rng, radius_range, ndim=dims)
+            sim_dims = 3 if stack_slices else dims
+            params = random_parameters(rng, radius_range, ndim=sim_dims)
+            sim_shape = (_stack_depth(params, rng),) + shape if stack_slices else shape
             # share of the image covered by nuclei, log-uniform from sparse (a few nuclei, wide empty
             # background, as in a scratch assay) to crowded: with 0.08-0.5 only, exact labels of sparse
             # simulated scenes were scored 0.89 instead of ~1
             fill = float(np.exp(rng.uniform(np.log(fill_range[0]), np.log(fill_range[1]))))
-            volume = np.prod(shape)
-            per_cell = np.pi * params.radius ** 2 if dims == 2 else 4.0 / 3.0 * np.pi * params.radius ** 3 * params.z_ratio
+            volume = np.prod(sim_shape)
+            per_cell = np.pi * params.radius ** 2 if sim_dims == 2 else 4.0 / 3.0 * np.pi * params.radius ** 3 * params.z_ratio
             n_cells = max(1, int(fill * volume / per_cell))
-            image, gt = simulate_cells(shape, n_cells, seed=int(rng.integers(2 ** 31)), params=params)
+            image, gt = simulate_cells(sim_shape, n_cells, seed=int(rng.integers(2 ** 31)), params=params)
             gt = gt.astype(np.int32)
             if gt.max() == 0:
                 bar.advance(task)
                 continue
-            norm = normalise_image(image)
+            norm = normalise_image(image)  # a stack: percentiles over the whole stack, as at inference
             sizes = np.bincount(gt.ravel())[1:]
-            min_vox = max(8, int(0.1 * np.median(sizes[sizes > 0])))
+            # slivers: 10 % of the median object in plane (of the median cross-section for stack slices)
+            typical = float(np.median(sizes[sizes > 0]))
+            if stack_slices:
+                typical = np.pi * params.radius ** 2
+            min_vox = max(8, int(0.1 * typical))
             for _ in range(perturbations):
                 pred, kind = perturb_instances(gt, rng, image, params.radius)
-                tri = trinary(pred)
+                tri = None if stack_slices else trinary(pred)
                 kept = 0
                 for _try in range(per * 3):  # random corners; keep `per` patches holding a GT object
                     corner = [int(rng.integers(0, n - patch + 1)) for n in shape]
                     box = tuple(slice(c, c + patch) for c in corner)
+                    if stack_slices:  # a patch of one z slice; labels and trinary map of that slice
+                        box = (int(rng.integers(0, sim_shape[0])),) + box
                     values = patch_targets(pred[box], gt[box], min_vox, targets)
                     if values is None or any(not np.isfinite(v) for v in values):
                         continue
                     images.append(norm[box].astype(np.float16))
-                    tris.append(tri[box])
+                    tris.append(trinary(pred[box[0]])[box[1:]] if stack_slices else tri[box])
                     tgts.append(values)
                     n_gt.append(int(np.count_nonzero(np.unique(gt[box]))))
                     n_pred.append(int(np.count_nonzero(np.unique(pred[box]))))
