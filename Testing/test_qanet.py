@@ -45,6 +45,24 @@ def test_simulator_makes_touching_nuclei_when_crowded() -> None:
     assert touching.any()
 
 
+def _touching_pairs(labels: np.ndarray) -> int:
+    pairs = set()
+    for axis in range(labels.ndim):
+        a, b = np.moveaxis(labels, axis, 0)[:-1], np.moveaxis(labels, axis, 0)[1:]
+        contact = (a > 0) & (b > 0) & (a != b)
+        pairs |= {tuple(sorted(p)) for p in zip(a[contact].tolist(), b[contact].tolist())}
+    return len(pairs)
+
+
+@pytest.mark.parametrize("shape", [(160, 160), (24, 96, 96)])
+def test_clustering_places_nuclei_in_touching_clumps(shape) -> None:
+    """Sparse scenes: uniform placement leaves nuclei apart; clustering makes them touch in clumps."""
+    spread = sum(_touching_pairs(simulate_cells(shape, 12, seed=s, radius=9.0)[1].astype(int)) for s in range(4))
+    clumped = sum(_touching_pairs(simulate_cells(shape, 12, seed=s, radius=9.0, clustering=0.8)[1].astype(int))
+                  for s in range(4))
+    assert clumped >= max(8, 3 * spread), (spread, clumped)
+
+
 # ------------------------------------------------------------------------------------ encodings
 def test_trinary_on_hand_made_labels() -> None:
     labels = np.zeros((6, 8), np.int32)

@@ -81,6 +81,7 @@ class CellSimParameters:
     z_ratio: float = 0.6             # z semi-axis / in-plane radius (3D only)
     irregularity: float = 0.08       # amplitude of the smooth radial perturbation (relative radius)
     max_overlap: float = 0.12        # two centres are at least (1 - max_overlap) (r_i + r_j) apart
+    clustering: float = 0.0          # probability that a nucleus is placed touching an earlier one
     min_size: int = 20               # nuclei with fewer voxels inside the image are dropped
     nucleus_level: float = 11000.0   # median nucleus brightness
     brightness_cv: float = 0.3       # log-normal sigma of per-nucleus brightness
@@ -123,6 +124,7 @@ def random_parameters(rng: np.random.Generator, radius_range: tuple[float, float
         z_ratio=float(rng.uniform(0.45, 0.9)) if ndim == 3 else 0.6,
         irregularity=float(rng.uniform(0.02, 0.14)),
         max_overlap=float(rng.uniform(0.0, 0.2)),
+        clustering=float(rng.uniform(0.0, 0.7)),
         min_size=max(4, int(0.1 * np.pi * radius ** 2)) if ndim == 2 else max(8, int(0.1 * radius ** 3)),
         nucleus_level=background * contrast,
         brightness_cv=float(rng.uniform(0.1, 0.4)),
@@ -194,7 +196,10 @@ def _draw_nucleus(rng: np.random.Generator, centre: np.ndarray, radius: float, p
 def _place_nuclei(shape: tuple[int, ...], n_cells: int, rng: np.random.Generator,
                   p: CellSimParameters) -> list[_Nucleus]:
     """Rejection sampling of centres: each pair at least (1 - max_overlap)(r_i + r_j) apart (in-plane
-    radii; z distances scaled by 1/z_ratio so that flat nuclei may stack less closely in z)."""
+    radii; z distances scaled by 1/z_ratio so that flat nuclei may stack less closely in z). With
+    probability ``clustering`` a candidate centre is put right at that distance from a random earlier
+    nucleus, so that nuclei touch along a contact line as in dense tissue and cell clumps (uniform
+    placement alone makes tightly touching pairs rare except in the most crowded scenes)."""
     ndim = len(shape)
     nuclei: list[_Nucleus] = []
     centres: list[np.ndarray] = []
@@ -209,6 +214,16 @@ def _place_nuclei(shape: tuple[int, ...], n_cells: int, rng: np.random.Generator
             if ndim == 3:  # keep most of a flat nucleus inside the stack in z
                 margin = min(r * p.z_ratio * 0.6, (shape[0] - 1) / 2.0)
                 c[0] = rng.uniform(margin, shape[0] - 1 - margin)
+            if p.clustering > 0 and centres and rng.random() < p.clustering:
+                j = int(rng.integers(len(centres)))
+                direction = rng.normal(size=ndim)
+                if ndim == 3:
+                    direction[0] *= 0.3  # neighbours mostly side by side, as flat nuclei lie
+                direction /= np.linalg.norm(direction) + 1e-12
+                touch = (1.0 - p.max_overlap * rng.uniform(0.3, 1.0)) * (radii[j] + r) * 1.01
+                c = centres[j] + direction * touch / metric
+                if np.any(c < 0) or np.any(c > np.asarray(shape) - 1):
+                    continue
             if centres:
                 dist = np.sqrt((((np.asarray(centres) - c) * metric) ** 2).sum(axis=1))
                 need = (1.0 - p.max_overlap * rng.uniform(0.3, 1.0)) * (np.asarray(radii) + r)

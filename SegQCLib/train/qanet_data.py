@@ -266,8 +266,9 @@ def patch_targets(pred: np.ndarray, gt: np.ndarray, min_voxels: int, targets: tu
 #: Share of a simulated image covered by nuclei (log-uniform): sparse to crowded.
 FILL_RANGE = (0.01, 0.5)
 #: Version of the simulated training data: part of the sample-cache file names, so that a cache made
-#: by an older simulator or sampler is not reused (2: sparse scenes, FILL_RANGE from 0.01).
-SAMPLES_VERSION = 2
+#: by an older simulator or sampler is not reused (2: sparse scenes, FILL_RANGE from 0.01; 3: touching
+#: clusters of nuclei, CellSimParameters.clustering).
+SAMPLES_VERSION = 3
 
 
 def _default_geometry(dims: int, patch: int) -> dict:
