@@ -386,6 +386,8 @@ def train_sentinel_cmd(
     algorithmic: int = typer.Option(4, "--algorithmic", help="Algorithmic segmentations per structure."),
     strip_prob: float = typer.Option(0.0, "--strip-prob", help="Chance a training volume is shown skull-stripped "
                                      "(0: never; benchmarks/sentinel_skull_strip.md measures 0.3)."),
+    intensity_prob: float = typer.Option(0.0, "--intensity-prob", help="Chance a training sample gets a random "
+                                         "bias field and noise (0: never)."),
     seed: int = typer.Option(0, "--seed"),
     install: bool = typer.Option(False, "--install", help="Copy the best model into Resources/Models with its card."),
 ) -> None:
@@ -406,7 +408,10 @@ def train_sentinel_cmd(
     else:
         encoder = text_encoder_from_spec(text_encoder)
     config.text_encoder, config.text_dim = encoder.name, encoder.dim
-    options = TrainOptions(epochs=epochs, batch_size=batch_size, lr=lr, rank_weight=rank_weight, seed=seed)
+    if not 0.0 <= intensity_prob <= 1.0:
+        raise InputError("--intensity-prob", f"must be in [0, 1], got {intensity_prob}")
+    options = TrainOptions(epochs=epochs, batch_size=batch_size, lr=lr, rank_weight=rank_weight, seed=seed,
+                           intensity_prob=intensity_prob)
     best = train(out, train_set, val_set, config, options, encoder, log=console.print)
     results = evaluate_model(best, data_dir, log=console.print)
     console.print(format_report(results))

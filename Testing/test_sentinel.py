@@ -100,6 +100,23 @@ def test_augment_changes_images_not_masks() -> None:
     assert not torch.allclose(y[:, 0::2], x[:, 0::2]) and float(y.min()) >= 0 and float(y.max()) <= 1
 
 
+def test_intensity_augment_varies_images_smoothly_and_leaves_masks() -> None:
+    from SegQCLib.train.sentinel_train import _augment
+
+    x = torch.full((64, 4, 32, 32), 0.5)
+    x[:, 1::2] = (torch.rand(64, 2, 32, 32) > 0.5).float()
+    plain = _augment(x, torch.Generator().manual_seed(1))
+    varied = _augment(x, torch.Generator().manual_seed(1), intensity_prob=1.0)
+    assert torch.equal(plain[:, 1::2], varied[:, 1::2])  # same flips, masks untouched
+    # a flat image stays flat without it; with it, a smooth field: the two image halves differ on average
+    assert float(plain[:, 0::2].std(dim=(-1, -2)).max()) < 1e-6
+    halves = (varied[:, 0::2, :, :16].mean(dim=(-1, -2)) - varied[:, 0::2, :, 16:].mean(dim=(-1, -2))).abs()
+    assert float(halves.mean()) > 0.02
+    some = _augment(x, torch.Generator().manual_seed(1), intensity_prob=0.3)
+    changed = (some[:, 0] - plain[:, 0]).abs().amax(dim=(-1, -2)) > 1e-6
+    assert 5 <= int(changed.sum()) <= 35  # about 30 % of 64 samples
+
+
 def test_bin_weights_favour_rare_bins() -> None:
     dsc = np.array([0.95] * 90 + [0.05] * 10)
     w = bin_weights(dsc, 10)

@@ -38,6 +38,7 @@ class TrainOptions:
     bins: int = 10
     seed: int = 0
     threads: int = 0
+    intensity_prob: float = 0.0  # chance per sample of a random bias field + noise on its image channels
 
 
 def optimal_pairs(text: torch.Tensor) -> np.ndarray:
@@ -66,14 +67,31 @@ def bin_weights(dsc: np.ndarray, bins: int) -> np.ndarray:
     return weights / mean
 
 
-def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def _augment(x: torch.Tensor, generator: torch.Generator, intensity_prob: float = 0.0) -> torch.Tensor:
     """Left-right flips and a random gamma of the image channels (x: (b, C, s, s) in [0, 1]; even
-    channels are images, odd ones masks)."""
-    flip = torch.rand(x.shape[0], generator=generator) < 0.5
+    channels are images, odd ones masks); with ``intensity_prob``, also a smooth multiplicative bias
+    field (exp of a random quadratic in x, y; coefficient std 0.15) and Gaussian noise (std U(0, 0.04))
+    on the image channels of that share of samples: a scanner and subject change the intensities,
+    and the training data hold one subject only.
+
+    Written on the batch tensor with the training generator (not MONAI's per-sample Rand*
+    transforms, which draw from their own NumPy state) so that a resumed run repeats the same draws.
+    """
+    b, c, h, w = x.shape
+    flip = torch.rand(b, generator=generator) < 0.5
     x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-    gamma = torch.exp(torch.randn(x.shape[0], generator=generator) * 0.15)[:, None, None, None]
-    is_image = (torch.arange(x.shape[1]) % 2 == 0)[None, :, None, None]
-    return torch.where(is_image, x.clamp_min(0) ** gamma, x)
+    gamma = torch.exp(torch.randn(b, generator=generator) * 0.15)[:, None, None, None]
+    is_image = (torch.arange(c) % 2 == 0)[None, :, None, None]
+    x = torch.where(is_image, x.clamp_min(0) ** gamma, x)
+    if intensity_prob <= 0:
+        return x
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+    basis = torch.stack([xx, yy, xx * yy, xx ** 2, yy ** 2])  # (5, h, w)
+    coeffs = torch.randn(b, c, 5, generator=generator) * 0.15
+    field = torch.exp(torch.einsum("bck,khw->bchw", coeffs, basis))
+    noise = torch.randn(x.shape, generator=generator) * (torch.rand(b, 1, 1, 1, generator=generator) * 0.04)
+    chosen = (torch.rand(b, generator=generator) < intensity_prob)[:, None, None, None] & is_image
+    return torch.where(chosen, (x * field + noise).clamp(0, 1.5), x)
 
 
 @torch.no_grad()
@@ -177,7 +195,8 @@ def train(out_dir: str | Path, train_set: SampleSet, val_set: SampleSet, config:
                 started, running = time.perf_counter(), 0.0
                 for b in range(n_batches):
                     idx = np.sort(order[b * options.batch_size:(b + 1) * options.batch_size])
-                    x = _augment(torch.from_numpy(train_set.x[idx]).float().div_(255.0), generator)
+                    x = _augment(torch.from_numpy(train_set.x[idx]).float().div_(255.0), generator,
+                                 options.intensity_prob)
                     text = train_text[torch.from_numpy(train_set.name[idx]).long()]
                     true = torch.from_numpy(train_set.dsc[idx]).float()
                     pred = net(x, text)
