@@ -335,10 +335,8 @@ def generate_samples(dims: int, n_images: int, seed: int, patch: int = 64, pertu
                 continue
             norm = normalise_image(image)  # a stack: percentiles over the whole stack, as at inference
             sizes = np.bincount(gt.ravel())[1:]
-            # slivers: 10 % of the median object in plane (of the median cross-section for stack slices)
-            typical = float(np.median(sizes[sizes > 0]))
-            if stack_slices:
-                typical = np.pi * params.radius ** 2
+            # slivers: below 10 % of the median object (for stack slices, of a nucleus's largest cross-section)
+            typical = np.pi * params.radius ** 2 if stack_slices else float(np.median(sizes[sizes > 0]))
             min_vox = max(8, int(0.1 * typical))
             for _ in range(perturbations):
                 pred, kind = perturb_instances(gt, rng, image, params.radius)
