@@ -66,6 +66,32 @@ def test_colin27_brodmann_and_brain():
 
 
 @needs_colin
+def test_colin27_tissue_is_grey_and_white_matter_by_intensity():
+    tissue, brain = colin27("tissue"), colin27("brain").segmentation.mask("Brain")
+    assert [(s.value, s.name) for s in tissue.segmentation.segments] == [(1, "GreyMatter"), (2, "WhiteMatter")]
+    gm, wm = tissue.segmentation.mask("GreyMatter"), tissue.segmentation.mask("WhiteMatter")
+    assert not (gm & wm).any() and not ((gm | wm) & ~brain).any()
+    t1 = tissue.image.array
+    csf = brain & ~gm & ~wm
+    assert t1[csf].max() <= t1[gm].min() and t1[gm].max() <= t1[wm].min()  # T1: CSF < grey < white
+    assert 600_000 < gm.sum() < 1_100_000 and 500_000 < wm.sum() < 900_000  # ml at 1 mm, as in MNI152
+    # the AAL regions lie on the cortex and deep nuclei: far more grey matter in them than outside
+    in_aal = colin27("aal").segmentation.labelmap > 0
+    assert gm[in_aal].mean() > 2 * gm[brain & ~in_aal].mean()
+
+
+@needs_mni
+def test_tissue_rule_reproduces_the_mni152_probability_maps(tissue):
+    """The Otsu rule that makes Colin27's tissue labels, applied to MNI152, agrees with its real maps."""
+    from SegQCLib.metrics import dice
+
+    brain = sources.mni152("brain").segmentation.mask("Brain")
+    labels = sources._tissue_classes(tissue.image.array, brain)
+    assert dice(labels == 1, tissue.segmentation.mask("GreyMatter")) > 0.85
+    assert dice(labels == 2, tissue.segmentation.mask("WhiteMatter")) > 0.88
+
+
+@needs_colin
 def test_sources_are_cached_and_read_only(aal):
     assert colin27("aal") is aal
     with pytest.raises(ValueError):

@@ -315,3 +315,39 @@ def dilate(mask: np.ndarray, iterations: int) -> np.ndarray:
     from scipy import ndimage
 
     return ndimage.binary_dilation(mask, iterations=iterations)
+
+
+@needs_mricron
+def test_train_split_holds_grey_and_white_matter_and_no_held_out_structure() -> None:
+    from SegQCLib.train.sentinel_data import HELD_OUT_AAL, VAL_AAL, split_structures
+
+    pairs = split_structures("train")
+    names = [name for _, name in pairs]
+    assert {"GreyMatter", "WhiteMatter", "Brain"} <= set(names)
+    assert not set(names) & (set(HELD_OUT_AAL) | set(VAL_AAL))
+    assert {subject.subject for subject, _ in pairs} == {"colin27"}  # MNI152 stays the held-out subject
+    assert names == [n for part in ("train-atlas", "train-tissue") for _, n in split_structures(part)]
+
+
+@needs_mricron
+def test_train_samples_are_their_parts_each_cached(tmp_path: Path, monkeypatch) -> None:
+    from SegQCLib.train import sentinel_cli
+
+    monkeypatch.setattr(sentinel_cli, "TRAIN_PARTS", ("train-tissue", "val"))
+    config, built = _tiny_config(2), []
+    train = sentinel_cli.sample_set(tmp_path, "train", config, per_band=1, algorithmic=0, progress=False,
+                                    log=built.append)
+    assert len(built) == 2 and len(list(tmp_path.glob("*.npz"))) == 2
+    tissue = sentinel_cli.sample_set(tmp_path, "train-tissue", config, per_band=1, algorithmic=0, progress=False,
+                                     log=built.append)
+    assert len(built) == 2  # read from its cache, not rebuilt
+    val = sentinel_cli.sample_set(tmp_path, "val", config, per_band=1, algorithmic=0, progress=False, log=built.append)
+    assert len(built) == 2
+    assert train.names[:2] == ["GreyMatter", "WhiteMatter"] and "Pallidum_L" in train.names
+    assert len(train.volume_dsc) == len(tissue.volume_dsc) + len(val.volume_dsc)
+    assert len(train.x) == len(tissue.x) + len(val.x)
+    # grey matter's "wrong" mask is the white matter: no overlap, true DSC 0
+    wrong = tissue.volume_kind == sentinel_cli.KINDS.index("wrong")
+    assert wrong.sum() == 2 and np.all(tissue.volume_dsc[wrong] == 0)
+    good = tissue.volume_kind == sentinel_cli.KINDS.index("good")
+    assert np.all(tissue.volume_dsc[good] > 0.85)

@@ -38,7 +38,8 @@ moving                      fixed                       label     truth on the f
 ==========================  ==========================  ========  ======================================
 ``mni152("brain")``         ``colin27(...)``            Brain     ``colin27("brain")`` (ch2bet > 0)
 ``colin27("brain")``        ``mni152(...)``             Brain     ``mni152("brain")`` (T1 / max > 0.2)
-``mni152("tissue")``        ``colin27(...)``            GM / WM   none (Colin27 has no tissue map): skip
+``mni152("tissue")``        ``colin27(...)``            GM / WM   ``colin27("tissue")`` (Otsu classes of the T1)
+``colin27("tissue")``       ``mni152(...)``             GM / WM   derived, not an atlas: not used (MNI152 samples stay fixed)
 ``colin27("aal")`` etc.     ``mni152(...)``             AAL, BA   none (MNI152 has no AAL labels): skip
 ==========================  ==========================  ========  ======================================
 

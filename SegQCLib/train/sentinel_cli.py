@@ -6,18 +6,24 @@ from pathlib import Path
 from typing import Any
 
 from ..models.sentinel import SentinelConfig, load_model
-from .sentinel_data import KINDS, SampleSet, build_samples
+from .sentinel_data import KINDS, TRAIN_PARTS, SampleSet, build_samples
 
 EVAL_SPLITS = ("test-subject", "test-structures")
-#: seeds of the splits, fixed so that every evaluation of every model sees the same samples
-SPLIT_SEEDS = {"train": 0, "val": 1, "test-structures": 2, "test-subject": 3}
+#: seeds of the splits (and of the parts of the train split), fixed so that every evaluation of
+#: every model sees the same samples
+SPLIT_SEEDS = {"train-atlas": 0, "val": 1, "test-structures": 2, "test-subject": 3, "train-tissue": 4}
 
 
 def sample_set(data_dir: Path, split: str, config: SentinelConfig, per_band: int = 3, algorithmic: int = 4,
                progress: bool = True, log=print, strip_prob: float = 0.0) -> SampleSet:
-    """The samples of ``split`` for ``config``'s input geometry, built once and cached in ``data_dir``.
+    """The samples of ``split`` for ``config``'s input geometry, built once and cached in ``data_dir``
+    (the train split: its :data:`TRAIN_PARTS`, each cached on its own, concatenated).
     ``strip_prob`` (skull-stripped images, see :func:`build_samples`) applies to the train split only."""
-    strip_prob = strip_prob if split == "train" else 0.0
+    if split == "train":
+        return SampleSet.concat([sample_set(data_dir, part, config, per_band, algorithmic, progress, log, strip_prob)
+                                 for part in TRAIN_PARTS])
+    training = split in TRAIN_PARTS
+    strip_prob = strip_prob if training else 0.0
     tag = f"{split}-s{config.size}-m{config.margin_px}-c{config.context_mm:g}-b{per_band}-a{algorithmic}"
     tag += f"-p{strip_prob:g}" if strip_prob > 0 else ""
     path = data_dir / f"{tag}.npz"
@@ -26,7 +32,7 @@ def sample_set(data_dir: Path, split: str, config: SentinelConfig, per_band: int
     data_dir.mkdir(parents=True, exist_ok=True)
     log(f"building {split} samples -> {path}")
     samples = build_samples(split, config, seed=SPLIT_SEEDS[split], per_band=per_band,
-                            extra_slices=6 if split == "train" else 0, algorithmic=algorithmic, progress=progress,
+                            extra_slices=6 if training else 0, algorithmic=algorithmic, progress=progress,
                             strip_prob=strip_prob)
     tmp = path.with_name(path.stem + ".tmp.npz")
     samples.save(tmp)
@@ -78,7 +84,8 @@ def card_extra(config: SentinelConfig, options, train_set: SampleSet, val_set: S
         "data": {
             "source": "Colin27 T1 + AAL/Brodmann atlases and brain mask (Debian mricron-data); MNI152 2009 sym "
                       "T1 + grey/white matter and brain mask (nilearn) — real images, atlas labels",
-            "train": "Colin27: AAL structures except the held-out and validation ones, 41 Brodmann areas, brain",
+            "train": "Colin27: AAL structures except the held-out and validation ones, 41 Brodmann areas, brain, "
+                     "grey and white matter (three-class Otsu of the T1 in the brain mask)",
             "val": list(VAL_AAL),
             "test-structures": list(HELD_OUT_AAL),
             "test-subject": "MNI152: GreyMatter, WhiteMatter, Brain (a subject never seen in training)",
