@@ -388,6 +388,8 @@ def train_sentinel_cmd(
                                      "(0: never; benchmarks/sentinel_skull_strip.md measures 0.3)."),
     intensity_prob: float = typer.Option(0.0, "--intensity-prob", help="Chance a training sample gets a random "
                                          "bias field and noise (0: never)."),
+    text_noise: float = typer.Option(0.0, "--text-noise", help="Norm of random noise added to the training "
+                                     "text embeddings, relative to theirs (0: none)."),
     seed: int = typer.Option(0, "--seed"),
     install: bool = typer.Option(False, "--install", help="Copy the best model into Resources/Models with its card."),
 ) -> None:
@@ -410,8 +412,10 @@ def train_sentinel_cmd(
     config.text_encoder, config.text_dim = encoder.name, encoder.dim
     if not 0.0 <= intensity_prob <= 1.0:
         raise InputError("--intensity-prob", f"must be in [0, 1], got {intensity_prob}")
+    if text_noise < 0:
+        raise InputError("--text-noise", f"must be >= 0, got {text_noise}")
     options = TrainOptions(epochs=epochs, batch_size=batch_size, lr=lr, rank_weight=rank_weight, seed=seed,
-                           intensity_prob=intensity_prob)
+                           intensity_prob=intensity_prob, text_noise=text_noise)
     best = train(out, train_set, val_set, config, options, encoder, log=console.print)
     results = evaluate_model(best, data_dir, log=console.print)
     console.print(format_report(results))

@@ -117,6 +117,18 @@ def test_intensity_augment_varies_images_smoothly_and_leaves_masks() -> None:
     assert 5 <= int(changed.sum()) <= 35  # about 30 % of 64 samples
 
 
+def test_text_jitter_has_the_asked_relative_norm() -> None:
+    from SegQCLib.train.sentinel_train import jitter_text
+
+    text = torch.nn.functional.normalize(torch.randn(256, 384), dim=1) * 3.0
+    assert jitter_text(text, 0.0, torch.Generator().manual_seed(0)) is text
+    moved = jitter_text(text, 0.5, torch.Generator().manual_seed(0))
+    ratio = (moved - text).norm(dim=1) / text.norm(dim=1)
+    assert abs(float(ratio.mean()) - 0.5) < 0.03 and float(ratio.std()) < 0.05
+    again = jitter_text(text, 0.5, torch.Generator().manual_seed(0))
+    assert torch.equal(moved, again)  # drawn from the training generator only: a resumed run repeats it
+
+
 def test_bin_weights_favour_rare_bins() -> None:
     dsc = np.array([0.95] * 90 + [0.05] * 10)
     w = bin_weights(dsc, 10)
