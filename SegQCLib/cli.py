@@ -388,6 +388,9 @@ def train_sentinel_cmd(
                                      "(0: never; benchmarks/sentinel_skull_strip.md measures 0.3)."),
     intensity_prob: float = typer.Option(0.0, "--intensity-prob", help="Chance a training sample gets a random "
                                          "bias field and noise (0: never)."),
+    flip_names: bool = typer.Option(False, "--flip-names/--keep-names", help="A left-right flip of a lateral "
+                                    "structure's sample also swaps its name's side (Putamen_L -> Putamen_R); "
+                                    "samples whose other side is not a training name are not flipped."),
     text_noise: float = typer.Option(0.0, "--text-noise", help="Norm of random noise added to the training "
                                      "text embeddings, relative to theirs (0: none)."),
     seed: int = typer.Option(0, "--seed"),
@@ -415,7 +418,7 @@ def train_sentinel_cmd(
     if text_noise < 0:
         raise InputError("--text-noise", f"must be >= 0, got {text_noise}")
     options = TrainOptions(epochs=epochs, batch_size=batch_size, lr=lr, rank_weight=rank_weight, seed=seed,
-                           intensity_prob=intensity_prob, text_noise=text_noise)
+                           intensity_prob=intensity_prob, text_noise=text_noise, flip_names=flip_names)
     best = train(out, train_set, val_set, config, options, encoder, log=console.print)
     results = evaluate_model(best, data_dir, log=console.print)
     console.print(format_report(results))

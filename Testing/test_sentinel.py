@@ -94,7 +94,7 @@ def test_augment_changes_images_not_masks() -> None:
 
     x = torch.rand(16, 4, 8, 8)
     x[:, 1::2] = (x[:, 1::2] > 0.5).float()
-    y = _augment(x, torch.Generator().manual_seed(0))
+    y, _ = _augment(x, torch.Generator().manual_seed(0))
     for i in range(16):  # masks are only flipped; images flipped and gamma-changed
         assert torch.equal(y[i, 1::2], x[i, 1::2]) or torch.equal(y[i, 1::2], x[i, 1::2].flip(-1))
     assert not torch.allclose(y[:, 0::2], x[:, 0::2]) and float(y.min()) >= 0 and float(y.max()) <= 1
@@ -105,14 +105,14 @@ def test_intensity_augment_varies_images_smoothly_and_leaves_masks() -> None:
 
     x = torch.full((64, 4, 32, 32), 0.5)
     x[:, 1::2] = (torch.rand(64, 2, 32, 32) > 0.5).float()
-    plain = _augment(x, torch.Generator().manual_seed(1))
-    varied = _augment(x, torch.Generator().manual_seed(1), intensity_prob=1.0)
+    plain, _ = _augment(x, torch.Generator().manual_seed(1))
+    varied, _ = _augment(x, torch.Generator().manual_seed(1), intensity_prob=1.0)
     assert torch.equal(plain[:, 1::2], varied[:, 1::2])  # same flips, masks untouched
     # a flat image stays flat without it; with it, a smooth field: the two image halves differ on average
     assert float(plain[:, 0::2].std(dim=(-1, -2)).max()) < 1e-6
     halves = (varied[:, 0::2, :, :16].mean(dim=(-1, -2)) - varied[:, 0::2, :, 16:].mean(dim=(-1, -2))).abs()
     assert float(halves.mean()) > 0.02
-    some = _augment(x, torch.Generator().manual_seed(1), intensity_prob=0.3)
+    some, _ = _augment(x, torch.Generator().manual_seed(1), intensity_prob=0.3)
     changed = (some[:, 0] - plain[:, 0]).abs().amax(dim=(-1, -2)) > 1e-6
     assert 5 <= int(changed.sum()) <= 35  # about 30 % of 64 samples
 
@@ -127,6 +127,21 @@ def test_text_jitter_has_the_asked_relative_norm() -> None:
     assert abs(float(ratio.mean()) - 0.5) < 0.03 and float(ratio.std()) < 0.05
     again = jitter_text(text, 0.5, torch.Generator().manual_seed(0))
     assert torch.equal(moved, again)  # drawn from the training generator only: a resumed run repeats it
+
+
+def test_flips_swap_the_side_of_lateral_names_only() -> None:
+    from SegQCLib.train.sentinel_train import _augment, mirror_index, mirrored_name
+
+    assert mirrored_name("Putamen_L") == "Putamen_R" and mirrored_name("Left Hippocampus") == "Right Hippocampus"
+    assert mirrored_name("Brain") is None and mirrored_name("Brodmann area 4") is None
+    names = ["Putamen_L", "Brain", "Putamen_R", "Caudate_L"]  # Caudate_R missing
+    assert mirror_index(names).tolist() == [2, 1, 0, -1]
+    x = torch.rand(200, 2, 8, 8)
+    flippable = torch.arange(200) % 2 == 0
+    y, flipped = _augment(x, torch.Generator().manual_seed(0), flippable=flippable)
+    assert not flipped[~flippable].any() and 30 < int(flipped.sum()) < 70
+    assert torch.equal(y[flipped][:, 1], x[flipped][:, 1].flip(-1))  # masks flipped with their images
+    assert torch.equal(y[~flipped][:, 1], x[~flipped][:, 1])
 
 
 def test_bin_weights_favour_rare_bins() -> None:

@@ -40,6 +40,7 @@ class TrainOptions:
     threads: int = 0
     intensity_prob: float = 0.0  # chance per sample of a random bias field + noise on its image channels
     text_noise: float = 0.0  # norm of random noise added to each text embedding, relative to its norm
+    flip_names: bool = False  # a left-right flip of a lateral structure also swaps its name's side (see mirror_index)
 
 
 def optimal_pairs(text: torch.Tensor) -> np.ndarray:
@@ -68,9 +69,35 @@ def bin_weights(dsc: np.ndarray, bins: int) -> np.ndarray:
     return weights / mean
 
 
-def _augment(x: torch.Tensor, generator: torch.Generator, intensity_prob: float = 0.0) -> torch.Tensor:
+def mirrored_name(name: str) -> str | None:
+    """The other side's name of a lateral structure (``Putamen_L`` -> ``Putamen_R``, ``Left X`` ->
+    ``Right X``); None for a name without a side (``Brain``, ``Brodmann area 4``)."""
+    for side, other in (("_L", "_R"), ("_R", "_L")):
+        if name.endswith(side):
+            return name[: -len(side)] + other
+    for side, other in (("Left ", "Right "), ("Right ", "Left ")):
+        if name.startswith(side):
+            return other + name[len(side):]
+    return None
+
+
+def mirror_index(names: list[str]) -> np.ndarray:
+    """(len(names),) int64: for each name, the index in ``names`` of what a left-right flip makes of
+    it: itself for a name without a side, its other side's name for a lateral one, -1 when that name
+    is not in ``names`` (such samples are not flipped: no name would be true for them)."""
+    position = {name: i for i, name in enumerate(names)}
+    out = np.empty(len(names), dtype=np.int64)
+    for i, name in enumerate(names):
+        other = mirrored_name(name)
+        out[i] = i if other is None else position.get(other, -1)
+    return out
+
+
+def _augment(x: torch.Tensor, generator: torch.Generator, intensity_prob: float = 0.0,
+             flippable: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-right flips and a random gamma of the image channels (x: (b, C, s, s) in [0, 1]; even
-    channels are images, odd ones masks); with ``intensity_prob``, also a smooth multiplicative bias
+    channels are images, odd ones masks); returns (augmented x, (b,) bool: which were flipped).
+    ``flippable`` (b,) bool limits the flips to those samples (None: any). With ``intensity_prob``, also a smooth multiplicative bias
     field (exp of a random quadratic in x, y; coefficient std 0.15) and Gaussian noise (std U(0, 0.04))
     on the image channels of that share of samples: a scanner and subject change the intensities,
     and the training data hold one subject only.
@@ -80,19 +107,21 @@ def _augment(x: torch.Tensor, generator: torch.Generator, intensity_prob: float 
     """
     b, c, h, w = x.shape
     flip = torch.rand(b, generator=generator) < 0.5
+    if flippable is not None:
+        flip &= flippable
     x = torch.where(flip[:, None, None, None], x.flip(-1), x)
     gamma = torch.exp(torch.randn(b, generator=generator) * 0.15)[:, None, None, None]
     is_image = (torch.arange(c) % 2 == 0)[None, :, None, None]
     x = torch.where(is_image, x.clamp_min(0) ** gamma, x)
     if intensity_prob <= 0:
-        return x
+        return x, flip
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
     basis = torch.stack([xx, yy, xx * yy, xx ** 2, yy ** 2])  # (5, h, w)
     coeffs = torch.randn(b, c, 5, generator=generator) * 0.15
     field = torch.exp(torch.einsum("bck,khw->bchw", coeffs, basis))
     noise = torch.randn(x.shape, generator=generator) * (torch.rand(b, 1, 1, 1, generator=generator) * 0.04)
     chosen = (torch.rand(b, generator=generator) < intensity_prob)[:, None, None, None] & is_image
-    return torch.where(chosen, (x * field + noise).clamp(0, 1.5), x)
+    return torch.where(chosen, (x * field + noise).clamp(0, 1.5), x), flip
 
 
 def jitter_text(text: torch.Tensor, noise: float, generator: torch.Generator) -> torch.Tensor:
@@ -185,6 +214,7 @@ def train(out_dir: str | Path, train_set: SampleSet, val_set: SampleSet, config:
         log(f"resuming after epoch {start_epoch} (best val volume LCC {best:.4f})")
 
     train_text = text_table_for(train_set.names, encoder)
+    mirror = torch.from_numpy(mirror_index(train_set.names)) if options.flip_names else None
     val_text = text_table_for(val_set.names, encoder)
     usable = np.flatnonzero(~np.isnan(train_set.dsc))
     weights_per_bin = torch.from_numpy(bin_weights(train_set.dsc[usable], options.bins)).float()
@@ -209,9 +239,12 @@ def train(out_dir: str | Path, train_set: SampleSet, val_set: SampleSet, config:
                 started, running = time.perf_counter(), 0.0
                 for b in range(n_batches):
                     idx = np.sort(order[b * options.batch_size:(b + 1) * options.batch_size])
-                    x = _augment(torch.from_numpy(train_set.x[idx]).float().div_(255.0), generator,
-                                 options.intensity_prob)
-                    text = train_text[torch.from_numpy(train_set.name[idx]).long()]
+                    names = torch.from_numpy(train_set.name[idx]).long()
+                    x, flipped = _augment(torch.from_numpy(train_set.x[idx]).float().div_(255.0), generator,
+                                          options.intensity_prob, None if mirror is None else mirror[names] >= 0)
+                    if mirror is not None:  # a flipped left structure is now on the right: say so
+                        names = torch.where(flipped, mirror[names], names)
+                    text = train_text[names]
                     true = torch.from_numpy(train_set.dsc[idx]).float()
                     pred = net(x, jitter_text(text, options.text_noise, generator))
                     w = weights_per_bin[torch.clamp((true * options.bins).long(), 0, options.bins - 1)]
