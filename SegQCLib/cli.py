@@ -390,9 +390,11 @@ def train_sentinel_cmd(
                                          "bias field and noise (0: never)."),
     flip_names: bool = typer.Option(False, "--flip-names/--keep-names", help="A left-right flip of a lateral "
                                     "structure's sample also swaps its name's side (Putamen_L -> Putamen_R); "
-                                    "samples whose other side is not a training name are not flipped."),
+                                    "samples whose other side is not a training name are not flipped "
+                                    "(benchmarks/sentinel_tissue.md: worse on held-out structures)."),
     text_noise: float = typer.Option(0.0, "--text-noise", help="Norm of random noise added to the training "
-                                     "text embeddings, relative to theirs (0: none)."),
+                                     "text embeddings, relative to theirs (0: none; benchmarks/sentinel_tissue.md "
+                                     "measures 0.5)."),
     seed: int = typer.Option(0, "--seed"),
     install: bool = typer.Option(False, "--install", help="Copy the best model into Resources/Models with its card."),
 ) -> None:

@@ -97,10 +97,10 @@ def _augment(x: torch.Tensor, generator: torch.Generator, intensity_prob: float 
              flippable: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-right flips and a random gamma of the image channels (x: (b, C, s, s) in [0, 1]; even
     channels are images, odd ones masks); returns (augmented x, (b,) bool: which were flipped).
-    ``flippable`` (b,) bool limits the flips to those samples (None: any). With ``intensity_prob``, also a smooth multiplicative bias
-    field (exp of a random quadratic in x, y; coefficient std 0.15) and Gaussian noise (std U(0, 0.04))
-    on the image channels of that share of samples: a scanner and subject change the intensities,
-    and the training data hold one subject only.
+    ``flippable`` (b,) bool limits the flips to those samples (None: any). With ``intensity_prob``,
+    also a smooth multiplicative bias field (exp of a random quadratic in x, y; coefficient std
+    0.15) and Gaussian noise (std U(0, 0.04)) on the image channels of that share of samples: a
+    scanner and subject change the intensities, and the training data hold one subject only.
 
     Written on the batch tensor with the training generator (not MONAI's per-sample Rand*
     transforms, which draw from their own NumPy state) so that a resumed run repeats the same draws.
@@ -127,7 +127,7 @@ def _augment(x: torch.Tensor, generator: torch.Generator, intensity_prob: float 
 def jitter_text(text: torch.Tensor, noise: float, generator: torch.Generator) -> torch.Tensor:
     """``text`` (b, dim) embeddings plus random Gaussian noise of norm about ``noise`` times each row's norm.
 
-    The training data name ~200 structures: points in the text space. A structure never trained on
+    The training data name ~140 structures: points in the text space. A structure never trained on
     falls between them; noise on the training names teaches the head to answer smoothly in their
     neighbourhood instead of only at the points. 0 returns ``text`` itself.
     """
