@@ -408,6 +408,10 @@ def train_sentinel_cmd(
     config = SentinelConfig(backbone=backbone, widen=widen, size=size, context_mm=context_mm)
     if not 0.0 <= strip_prob <= 1.0:
         raise InputError("--strip-prob", f"must be in [0, 1], got {strip_prob}")
+    if not 0.0 <= intensity_prob <= 1.0:
+        raise InputError("--intensity-prob", f"must be in [0, 1], got {intensity_prob}")
+    if text_noise < 0:
+        raise InputError("--text-noise", f"must be >= 0, got {text_noise}")
     train_set = sample_set(data_dir, "train", config, per_band, algorithmic, log=console.print, strip_prob=strip_prob)
     val_set = sample_set(data_dir, "val", config, per_band, algorithmic, log=console.print)
     if text_encoder == "onehot":
@@ -415,10 +419,6 @@ def train_sentinel_cmd(
     else:
         encoder = text_encoder_from_spec(text_encoder)
     config.text_encoder, config.text_dim = encoder.name, encoder.dim
-    if not 0.0 <= intensity_prob <= 1.0:
-        raise InputError("--intensity-prob", f"must be in [0, 1], got {intensity_prob}")
-    if text_noise < 0:
-        raise InputError("--text-noise", f"must be >= 0, got {text_noise}")
     options = TrainOptions(epochs=epochs, batch_size=batch_size, lr=lr, rank_weight=rank_weight, seed=seed,
                            intensity_prob=intensity_prob, text_noise=text_noise, flip_names=flip_names)
     best = train(out, train_set, val_set, config, options, encoder, log=console.print)
