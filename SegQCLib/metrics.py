@@ -466,6 +466,18 @@ def seg_measure(pred_labels: np.ndarray, ref_labels: np.ndarray) -> float:
     return float(ious.mean()) if len(ref_ids) else math.nan
 
 
+def seg_per_object(pred_labels: np.ndarray, ref_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each reference object's SEG score: IoU with its match (|c ∩ c'| > 0.5 |c|), 0 without one.
+
+    pred_labels, ref_labels: integer label images of the same 2D or 3D shape (0 = background).
+    Returns ``(ref_ids, scores)``, both (n_ref_objects,): the reference labels in increasing order
+    and their scores; :func:`seg_measure` is ``scores.mean()``.
+    """
+    pred, ref = _check_label_pair(pred_labels, ref_labels)
+    ref_ids, _, ious = _match_instances(pred, ref)
+    return ref_ids, ious
+
+
 def _object_boxes(labels: np.ndarray, ids: np.ndarray) -> dict[int, tuple[slice, ...]]:
     """Bounding box slices of the objects ``ids`` (positive labels present in ``labels``)."""
     if len(ids) == 0:

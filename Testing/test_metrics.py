@@ -320,6 +320,8 @@ def test_seg_merged_objects():
     pred = (ref > 0).astype(np.int32) * 5    # one object covering both
     # Each GT object is fully inside the merged object: IoU 6/10 and 4/10.
     assert seg_measure(pred, ref) == pytest.approx((0.6 + 0.4) / 2)
+    ids, scores = metrics.seg_per_object(pred, ref)
+    assert ids.tolist() == [1, 2] and scores == pytest.approx([0.6, 0.4])
 
 
 def test_seg_is_invariant_to_label_permutation():

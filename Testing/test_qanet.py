@@ -12,8 +12,8 @@ from scipy import ndimage as ndi
 
 from SegQCLib.data.cells import simulate_cells
 from SegQCLib.errors import InputError
-from SegQCLib.models.qanet import (QANetConfig, QANetQC, RibCageNet, build_network, count_parameters,
-                                   encode_segmentation, load_model, save_model, tile_starts, trinary)
+from SegQCLib.models.qanet import (COUNT_FRACTION, QANetConfig, QANetQC, build_network, count_parameters,
+                                   encode_segmentation, load_model, save_model, tile_starts, trinary, typical_size)
 
 TINY = dict(width=0.125, rib_convs=1, fc=(32, 32))
 
@@ -144,7 +144,7 @@ def tiny_model(tmp_path_factory) -> tuple[Path, object]:
     from SegQCLib.train.qanet_train import QANetTrainOptions, train
 
     kw = dict(patch=32, image_shape=(96, 96), radius_range=(4.0, 8.0), targets=("seg",), progress=False)
-    train_set = generate_samples(2, 32, seed=10, **kw)
+    train_set = generate_samples(2, 48, seed=10, **kw)
     val_set = generate_samples(2, 5, seed=11, **kw)
     test_set = generate_samples(2, 8, seed=12, **kw)
     out = tmp_path_factory.mktemp("qanet")
@@ -243,7 +243,19 @@ def test_tiling_heat_map_matches_patch_scores(tiny_model) -> None:
         box = (slice(row["y0"], row["y0"] + row["size"]), slice(row["x0"], row["x0"] + row["size"]))
         assert np.allclose(result.heatmap[box], row["seg"], atol=1e-6)
     weights = np.array([row["n_instances"] for row in result.patches], float)
-    assert result.image_score == pytest.approx(np.average(result.patch_scores, weights=weights))
+    assert result.extra["image_scores_patch_weighted"]["seg"] == pytest.approx(
+        np.average(result.patch_scores, weights=weights))
+    # without overlap each pixel lies in one patch: an instance scores the pixel-weighted mean of its
+    # patches, and the image score weighs instances by max(1, size / typical size)
+    sizes = np.bincount(labels.ravel())
+    typical = typical_size(labels)
+    scores, inst_w = [], []
+    for value in np.flatnonzero(sizes[1:] >= COUNT_FRACTION * typical) + 1:
+        px = [np.count_nonzero(labels[row["y0"]:row["y0"] + 32, row["x0"]:row["x0"] + 32] == value)
+              for row in result.patches]
+        scores.append(np.average(result.patch_scores, weights=px))
+        inst_w.append(max(1.0, sizes[value] / typical))
+    assert result.image_score == pytest.approx(np.average(scores, weights=inst_w))
     # overlapping patches: every pixel covered, each the mean of its covering patches
     result = model.assess_instances(image, labels, patch=32, overlap=0.5, scale=1.0)
     total, count = np.zeros(image.shape), np.zeros(image.shape)
@@ -313,6 +325,20 @@ def test_shipped_model_prefers_the_truth_to_a_damaged_segmentation(key, shape, r
     good = model.assess_instances(image, labels, overlap=0.0).image_score
     bad = model.assess_instances(image, eroded, overlap=0.0).image_score
     assert good > 0.7 and bad < good - 0.2, (good, bad)
+
+
+def test_patch_seg_target_does_not_forgive_a_merge_cut_by_the_patch_edge() -> None:
+    from SegQCLib.train.qanet_data import object_score_lookup, patch_targets
+
+    gt = np.zeros((20, 40), np.int32)
+    gt[5:15, 5:18], gt[5:15, 19:32] = 1, 2          # two touching-close nuclei, 130 px each
+    pred = np.where(gt > 0, 7, 0).astype(np.int32)   # merged into one
+    pred[5:15, 18] = 7
+    box = (slice(0, 20), slice(0, 20))               # nucleus 1 and a 10-px sliver of nucleus 2
+    cropped = patch_targets(pred[box], gt[box], 12, ("seg",))[0]
+    whole = patch_targets(pred[box], gt[box], 12, ("seg",), object_score_lookup(pred, gt))[0]
+    assert cropped == pytest.approx(130 / 150)        # in the crop the merge is almost invisible
+    assert whole == pytest.approx(130 / 270)          # nucleus 1's IoU with the whole merged object
 
 
 def test_stack_slice_samples_are_2d_patches_of_simulated_stacks() -> None:

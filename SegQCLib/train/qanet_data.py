@@ -24,7 +24,13 @@ false-positive blobs (p 0.1; SEG does not penalise them, and the model should le
 Patch targets: a GT object counts in a patch when at least ``max(8, 0.1 * median object size)``
 of its voxels lie inside (slivers cut by the patch edge are removed from the GT patch before
 scoring; the network input is not changed). Patches without a counted GT object are skipped
-(SEG is undefined there). The patch SEG histogram is then flattened (:func:`balance`).
+(SEG is undefined there). The SEG target of a patch is the mean of the counted GT objects'
+**whole-image** SEG scores (IoU with their match in the full image, 0 unmatched), not SEG of the
+cropped patches: cropping forgives merges, because a merged object cut by the patch edge still
+covers more than half of the nucleus inside. With patch-SEG targets, patch truths averaged as
+:meth:`~SegQCLib.models.qanet.QANetQC.assess_instances` averages them gave 0.82 for a threshold
+segmentation of cells3d whose SEG is 0.70 (``benchmarks/qanet_merges.py``). The other targets
+(``nemhd``) stay patch-level. The patch SEG histogram is then flattened (:func:`balance`).
 
 For the 2D model, part of the pool are patches of z slices of simulated 3D stacks
 (``stack_slices``): a 2D model scoring a real z stack slice by slice meets nucleus caps cut by the
@@ -44,7 +50,7 @@ from scipy import ndimage as ndi
 
 from ..data.cells import random_parameters, simulate_cells
 from ..degrade import merge_neighbours, morphology_perturbation, nonrigid_perturbation
-from ..metrics import instance_metrics, seg_measure
+from ..metrics import instance_metrics, seg_measure, seg_per_object
 from ..models.qanet import normalise_image, trinary
 
 KINDS = ("qanet", "mixed", "near", "algorithmic")
@@ -249,17 +255,33 @@ def perturb_instances(labels: np.ndarray, rng: np.random.Generator, image: np.nd
 
 
 # ------------------------------------------------------------------------------ patches
-def patch_targets(pred: np.ndarray, gt: np.ndarray, min_voxels: int, targets: tuple[str, ...]) -> list[float] | None:
-    """True qualities of one patch (GT slivers below ``min_voxels`` removed); None without GT object."""
+def object_score_lookup(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """(gt.max() + 1,) float64: each GT object's SEG score over the whole image (0 for unused ids)."""
+    ids, scores = seg_per_object(pred, gt)
+    lookup = np.zeros(int(gt.max()) + 1)
+    lookup[ids] = scores
+    return lookup
+
+
+def patch_targets(pred: np.ndarray, gt: np.ndarray, min_voxels: int, targets: tuple[str, ...],
+                  object_scores: np.ndarray | None = None) -> list[float] | None:
+    """True qualities of one patch (GT slivers below ``min_voxels`` removed); None without GT object.
+
+    object_scores: :func:`object_score_lookup` of the whole image. Given, ``seg`` is the mean
+    whole-image score of the GT objects counted in the patch; otherwise SEG of the two patches.
+    """
     ids, counts = np.unique(gt[gt > 0], return_counts=True)
     small = ids[counts < min_voxels]
     if small.size:
         gt = np.where(np.isin(gt, small), 0, gt)
     if not np.any(gt):
         return None
+    seg = float(object_scores[ids[counts >= min_voxels]].mean()) if object_scores is not None else None
     if targets == ("seg",):
-        return [seg_measure(pred, gt)]
+        return [seg if seg is not None else seg_measure(pred, gt)]
     m = instance_metrics(pred, gt)
+    if seg is not None:
+        m["seg"] = seg
     return [float(m[t]) for t in targets]
 
 
@@ -267,8 +289,8 @@ def patch_targets(pred: np.ndarray, gt: np.ndarray, min_voxels: int, targets: tu
 FILL_RANGE = (0.01, 0.5)
 #: Version of the simulated training data: part of the sample-cache file names, so that a cache made
 #: by an older simulator or sampler is not reused (2: sparse scenes, FILL_RANGE from 0.01; 3: touching
-#: clusters of nuclei, CellSimParameters.clustering).
-SAMPLES_VERSION = 3
+#: clusters of nuclei, CellSimParameters.clustering; 4: SEG target from whole-image object scores).
+SAMPLES_VERSION = 4
 
 
 def _default_geometry(dims: int, patch: int) -> dict:
@@ -282,6 +304,26 @@ def _stack_depth(params, rng: np.random.Generator) -> int:
     slices through the middle, the caps and the out-of-focus haze of nuclei all occur."""
     height = 2.0 * params.radius * params.z_ratio
     return int(np.clip(rng.uniform(1.0, 3.0) * height, 8, 48))
+
+
+def simulate_scene(rng: np.random.Generator, dims: int, shape: tuple[int, ...], radius_range: tuple[float, float],
+                   fill_range: tuple[float, float] = FILL_RANGE, stack: bool = False):
+    """One simulated training scene: ``(params, image float32, gt int32 labels)``.
+
+    dims: 2 or 3 (the simulation's); shape: image shape, in-plane only when ``stack`` (a 3D stack
+    whose depth is :func:`_stack_depth`); parameters from :func:`random_parameters`, nuclei
+    covering a share of the image drawn log-uniformly from ``fill_range``.
+    """
+    params = random_parameters(rng, radius_range, ndim=dims)
+    sim_shape = (_stack_depth(params, rng),) + tuple(shape) if stack else tuple(shape)
+    # share of the image covered by nuclei, log-uniform from sparse (a few nuclei, wide empty
+    # background, as in a scratch assay) to crowded: with 0.08-0.5 only, exact labels of sparse
+    # simulated scenes were scored 0.89 instead of ~1
+    fill = float(np.exp(rng.uniform(np.log(fill_range[0]), np.log(fill_range[1]))))
+    per_cell = np.pi * params.radius ** 2 if dims == 2 else 4.0 / 3.0 * np.pi * params.radius ** 3 * params.z_ratio
+    n_cells = max(1, int(fill * np.prod(sim_shape) / per_cell))
+    image, gt = simulate_cells(sim_shape, n_cells, seed=int(rng.integers(2 ** 31)), params=params)
+    return params, image, gt.astype(np.int32)
 
 
 def generate_samples(dims: int, n_images: int, seed: int, patch: int = 64, perturbations: int = 3,
@@ -318,18 +360,9 @@ def generate_samples(dims: int, n_images: int, seed: int, patch: int = 64, pertu
         task = bar.add_task(f"simulating {dims}D (seed {seed})", total=n_images)
         for i in range(n_images):
             rng = np.random.default_rng(seed * 1_000_003 + i)
-            sim_dims = 3 if stack_slices else dims
-            params = random_parameters(rng, radius_range, ndim=sim_dims)
-            sim_shape = (_stack_depth(params, rng),) + shape if stack_slices else shape
-            # share of the image covered by nuclei, log-uniform from sparse (a few nuclei, wide empty
-            # background, as in a scratch assay) to crowded: with 0.08-0.5 only, exact labels of sparse
-            # simulated scenes were scored 0.89 instead of ~1
-            fill = float(np.exp(rng.uniform(np.log(fill_range[0]), np.log(fill_range[1]))))
-            volume = np.prod(sim_shape)
-            per_cell = np.pi * params.radius ** 2 if sim_dims == 2 else 4.0 / 3.0 * np.pi * params.radius ** 3 * params.z_ratio
-            n_cells = max(1, int(fill * volume / per_cell))
-            image, gt = simulate_cells(sim_shape, n_cells, seed=int(rng.integers(2 ** 31)), params=params)
-            gt = gt.astype(np.int32)
+            params, image, gt = simulate_scene(rng, 3 if stack_slices else dims, shape, radius_range, fill_range,
+                                               stack=stack_slices)
+            sim_shape = image.shape
             if gt.max() == 0:
                 bar.advance(task)
                 continue
@@ -341,13 +374,19 @@ def generate_samples(dims: int, n_images: int, seed: int, patch: int = 64, pertu
             for _ in range(perturbations):
                 pred, kind = perturb_instances(gt, rng, image, params.radius)
                 tri = None if stack_slices else trinary(pred)
+                # SEG target: whole-image scores of the GT objects in the patch (per z slice for stack
+                # slices, as the 2D model is evaluated slice by slice)
+                scores = {} if stack_slices else {None: object_score_lookup(pred, gt)}
                 kept = 0
                 for _try in range(per * 3):  # random corners; keep `per` patches holding a GT object
                     corner = [int(rng.integers(0, n - patch + 1)) for n in shape]
                     box = tuple(slice(c, c + patch) for c in corner)
                     if stack_slices:  # a patch of one z slice; labels and trinary map of that slice
                         box = (int(rng.integers(0, sim_shape[0])),) + box
-                    values = patch_targets(pred[box], gt[box], min_vox, targets)
+                    z = box[0] if stack_slices else None
+                    if z not in scores:
+                        scores[z] = object_score_lookup(pred[z], gt[z])
+                    values = patch_targets(pred[box], gt[box], min_vox, targets, scores[z])
                     if values is None or any(not np.isfinite(v) for v in values):
                         continue
                     images.append(norm[box].astype(np.float16))

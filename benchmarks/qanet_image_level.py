@@ -1,0 +1,80 @@
+"""QANet image-level SEG on held-out simulated images: instance vs patch aggregation of patch scores.
+
+Run: .venv/bin/python benchmarks/qanet_image_level.py [--model CARD] [--images N] [--stacks N] [--json OUT]
+Default model: the shipped Resources/Models/qanet-nuclei-2d.json.
+
+The model predicts SEG per patch; the image score is an average of patch predictions. This script
+measures, on whole simulated scenes of the test split (seed ``SPLIT_SEEDS["test"]``, never used for
+training), how well the two averages in :meth:`QANetQC.assess_instances` track the true image SEG:
+
+- ``instances`` (the image score): each instance's score is the mean prediction of the patches holding
+  it, weighted by its pixels in each; the image score is their mean, an instance weighing
+  max(1, size / typical size);
+- ``patches``: patch predictions weighted by the number of instances in each patch.
+
+2D images are the training geometry (192 x 192); stacks are z stacks scored slice by slice, true SEG
+pooled over slices weighted by their GT objects (as for real cells3d). One erroneous segmentation
+(:func:`perturb_instances`) per scene. Prints Pearson r, MAE and the mean |pred - true| / true.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from rich.progress import track
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from SegQCLib.models.qanet import load_model  # noqa: E402
+from SegQCLib.train.qanet_data import SPLIT_SEEDS, perturb_instances, simulate_scene  # noqa: E402
+from SegQCLib.train.qanet_real import _slice_seg  # noqa: E402
+from SegQCLib.metrics import seg_measure  # noqa: E402
+
+
+def _summary(true: np.ndarray, pred: np.ndarray) -> dict:
+    ok = true > 0
+    return {"n": int(len(true)), "r": float(np.corrcoef(true, pred)[0, 1]), "mae": float(np.abs(pred - true).mean()),
+            "mean_rel_err": float(np.mean(np.abs(pred[ok] - true[ok]) / true[ok]))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=ROOT / "Resources" / "Models" / "qanet-nuclei-2d.json")
+    parser.add_argument("--images", type=int, default=80, help="2D scenes")
+    parser.add_argument("--stacks", type=int, default=20, help="z stacks scored slice by slice")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    model = load_model(args.model, "cpu")
+    out = {"model": str(args.model)}
+    for kind, n in (("2d", args.images), ("stack", args.stacks)):
+        true, by_instance, by_patch = [], [], []
+        for i in track(range(n), description=f"{kind} scenes"):
+            rng = np.random.default_rng(SPLIT_SEEDS["test"] * 1_000_003 + i)
+            params, image, gt = simulate_scene(rng, 3 if kind == "stack" else 2, (192, 192), (5.0, 15.0),
+                                               stack=kind == "stack")
+            if not gt.any():
+                continue
+            pred, _ = perturb_instances(gt, rng, image, params.radius)
+            if not pred.any():
+                continue
+            true.append(_slice_seg(pred, gt)[0] if kind == "stack" else seg_measure(pred, gt))
+            result = model.assess_instances(image, pred)
+            by_instance.append(result.image_score)
+            by_patch.append(result.extra["image_scores_patch_weighted"]["seg"])
+        t = np.array(true)
+        out[kind] = {"instances": _summary(t, np.array(by_instance)), "patches": _summary(t, np.array(by_patch))}
+    print(f"model {args.model}\n\n| scenes | aggregation | n | r | MAE | mean rel. error |\n|---|---|---|---|---|---|")
+    for kind in ("2d", "stack"):
+        for agg in ("instances", "patches"):
+            s = out[kind][agg]
+            print(f"| {kind} | {agg} | {s['n']} | {s['r']:.3f} | {s['mae']:.3f} | {100 * s['mean_rel_err']:.1f} % |")
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
