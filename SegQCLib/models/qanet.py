@@ -476,8 +476,8 @@ class QANetQC:
             the nuclei it covers. With no evaluated instance, the plain mean of the patch
             predictions. ``n_instances`` in the rows counts the evaluated instances in each patch;
             ``extra["image_scores_patch_weighted"]`` holds the older average of patch predictions
-            weighted by ``n_instances`` (on held-out simulated 2D scenes: r 0.88 / MAE 0.064, against
-            0.92 / 0.053 for the instance average; ``benchmarks/qanet_image_level.py``).
+            weighted by ``n_instances`` (shipped 2D model on held-out simulated 2D scenes: r 0.915 /
+            MAE 0.063, against 0.933 / 0.055 for the instance average; ``benchmarks/qanet_image_level.py``).
         """
         start_time = time.perf_counter()
         image, labels = _check_inputs(image, labels)
