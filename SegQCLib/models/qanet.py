@@ -575,8 +575,8 @@ class QANetQC:
             total[b] += pred[0]
             count[b] += 1.0
             present, pixels = np.unique(work_lab[b], return_counts=True)
-            n_inst = int(np.count_nonzero(counted[present]))
             keep = counted[present]
+            n_inst = int(np.count_nonzero(keep))
             inst_sum[present[keep]] += pixels[keep, None] * pred[None, :]
             inst_px[present[keep]] += pixels[keep]
             row: dict[str, Any] = {}
