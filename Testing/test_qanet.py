@@ -271,6 +271,30 @@ def test_tiling_heat_map_matches_patch_scores(tiny_model) -> None:
     json.dumps(payload)
 
 
+def test_image_score_is_the_instance_average_of_the_seg_objects_head() -> None:
+    """A model with a ``seg_objects`` head reports that head's instance average as the image score and
+    keeps the paper's patch SEG in the heat map and the patch rows."""
+    from SegQCLib.models.qanet import QANetQC
+
+    torch.manual_seed(3)
+    config = QANetConfig(dims=2, patch=32, targets=("seg", "nemhd", "seg_objects"), **TINY)
+    net = build_network(config).eval()
+    with torch.no_grad():  # make the two SEG heads answer differently
+        net.head[-1].bias[2] += 2.0
+    model = QANetQC("three-heads", net, config)
+    image, labels = simulate_cells((64, 64), 5, seed=8, radius=6.0)
+    result = model.assess_instances(image, labels, patch=32, overlap=0.0, scale=1.0)
+    scores = result.extra["image_scores"]
+    assert set(scores) == {"seg", "nemhd", "seg_objects"}
+    assert abs(scores["seg"] - scores["seg_objects"]) > 1e-3
+    assert result.image_score == pytest.approx(scores["seg_objects"])
+    row = result.patches[0]
+    assert set(row) >= {"seg", "nemhd", "seg_objects"}
+    assert np.allclose(result.heatmap[:32, :32], row["seg"], atol=1e-6)
+    payload = result.to_json_dict()
+    assert payload["image_score"]["seg"] == pytest.approx(scores["seg_objects"], abs=1e-5)
+
+
 def test_rescaling_and_3d_inputs(tiny_model) -> None:
     best, _ = tiny_model
     model = load_model(best, "cpu")
@@ -327,7 +351,7 @@ def test_shipped_model_prefers_the_truth_to_a_damaged_segmentation(key, shape, r
     assert good > 0.7 and bad < good - 0.2, (good, bad)
 
 
-def test_patch_seg_target_does_not_forgive_a_merge_cut_by_the_patch_edge() -> None:
+def test_seg_objects_target_does_not_forgive_a_merge_cut_by_the_patch_edge() -> None:
     from SegQCLib.train.qanet_data import object_score_lookup, patch_targets
 
     gt = np.zeros((20, 40), np.int32)
@@ -335,10 +359,26 @@ def test_patch_seg_target_does_not_forgive_a_merge_cut_by_the_patch_edge() -> No
     pred = np.where(gt > 0, 7, 0).astype(np.int32)   # merged into one
     pred[5:15, 18] = 7
     box = (slice(0, 20), slice(0, 20))               # nucleus 1 and a 10-px sliver of nucleus 2
-    cropped = patch_targets(pred[box], gt[box], 12, ("seg",))[0]
-    whole = patch_targets(pred[box], gt[box], 12, ("seg",), object_score_lookup(pred, gt))[0]
-    assert cropped == pytest.approx(130 / 150)        # in the crop the merge is almost invisible
+    cropped, whole = patch_targets(pred[box], gt[box], 12, ("seg", "seg_objects"), object_score_lookup(pred, gt))
+    assert cropped == pytest.approx(130 / 150)        # in the crop (the paper's patch SEG) the merge is almost invisible
     assert whole == pytest.approx(130 / 270)          # nucleus 1's IoU with the whole merged object
+    with pytest.raises(ValueError, match="object_scores"):
+        patch_targets(pred[box], gt[box], 12, ("seg", "seg_objects"))
+
+
+def test_sample_targets_are_columns_of_the_same_patches() -> None:
+    """Asking for more targets adds columns; it changes neither the patches nor the other columns."""
+    from SegQCLib.train.qanet_data import generate_samples
+
+    kw = dict(patch=32, image_shape=(64, 64), radius_range=(5.0, 7.0), progress=False)
+    one = generate_samples(2, 4, seed=6, targets=("seg",), **kw)
+    three = generate_samples(2, 4, seed=6, targets=("seg", "nemhd", "seg_objects"), **kw)
+    assert np.array_equal(one.image, three.image) and np.array_equal(one.tri, three.tri)
+    assert np.array_equal(one.seg, three.seg)
+    crop, whole = three.target[:, 0], three.target[:, 2]
+    assert np.all((whole >= 0) & (whole <= 1))
+    # the crop forgives merges cut by the patch edge: whole-image object scores are lower on average
+    assert (whole < crop - 0.05).any() and np.mean(whole) < np.mean(crop)
 
 
 def test_stack_slice_samples_are_2d_patches_of_simulated_stacks() -> None:

@@ -12,6 +12,9 @@ training), how well the two averages in :meth:`QANetQC.assess_instances` track t
   max(1, size / typical size);
 - ``patches``: patch predictions weighted by the number of instances in each patch.
 
+Both are measured on the head the image score uses (``seg_objects`` when the model has it) and, for
+a model with that head, also on its ``seg`` head (the paper's patch SEG): ``instances (seg head)``.
+
 2D images are the training geometry (192 x 192); stacks are z stacks scored slice by slice, true SEG
 pooled over slices weighted by their GT objects (as for real cells3d). One erroneous segmentation
 (:func:`perturb_instances`) per scene. Prints Pearson r, MAE and the mean |pred - true| / true.
@@ -51,7 +54,7 @@ def main() -> None:
     model = load_model(args.model, "cpu")
     out = {"model": str(args.model)}
     for kind, n in (("2d", args.images), ("stack", args.stacks)):
-        true, by_instance, by_patch = [], [], []
+        true, by_instance, by_patch, by_seg_head = [], [], [], []
         for i in track(range(n), description=f"{kind} scenes"):
             rng = np.random.default_rng(SPLIT_SEEDS["test"] * 1_000_003 + i)
             params, image, gt = simulate_scene(rng, 3 if kind == "stack" else 2, (192, 192), (5.0, 15.0),
@@ -64,13 +67,16 @@ def main() -> None:
             true.append(_slice_seg(pred, gt)[0] if kind == "stack" else seg_measure(pred, gt))
             result = model.assess_instances(image, pred)
             by_instance.append(result.image_score)
-            by_patch.append(result.extra["image_scores_patch_weighted"]["seg"])
+            head = "seg_objects" if "seg_objects" in model.config.targets else "seg"
+            by_patch.append(result.extra["image_scores_patch_weighted"][head])
+            by_seg_head.append(result.extra["image_scores"]["seg"])
         t = np.array(true)
         out[kind] = {"instances": _summary(t, np.array(by_instance)), "patches": _summary(t, np.array(by_patch))}
+        if "seg_objects" in model.config.targets:
+            out[kind]["instances (seg head)"] = _summary(t, np.array(by_seg_head))
     print(f"model {args.model}\n\n| scenes | aggregation | n | r | MAE | mean rel. error |\n|---|---|---|---|---|---|")
     for kind in ("2d", "stack"):
-        for agg in ("instances", "patches"):
-            s = out[kind][agg]
+        for agg, s in out[kind].items():
             print(f"| {kind} | {agg} | {s['n']} | {s['r']:.3f} | {s['mae']:.3f} | {100 * s['mean_rel_err']:.1f} % |")
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))

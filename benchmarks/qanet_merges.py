@@ -17,8 +17,9 @@ crowded nuclei but join nuclei that touch. This script separates the two effects
 
 Prints, for each row, the mean true SEG; the image SEG a *perfect* patch model would give (the true
 patch targets of the model's own tiling, averaged weighted by instances per patch) with crop targets
-(SEG of the cropped patches) and with whole-object targets (each GT object's whole-image score, samples
-v4): what the targets alone allow; and the model's mean predicted SEG (its own image score).
+(SEG of the cropped patches, the ``seg`` head's target) and with whole-object targets (each GT object's
+whole-image score, the ``seg_objects`` head's target): what the targets alone allow; and the model's
+mean predicted SEG (its own image score).
 """
 from __future__ import annotations
 
@@ -60,8 +61,8 @@ def merged_like(labels: np.ndarray, segmentation: np.ndarray) -> np.ndarray:
 
 def patch_truth_aggregates(result, pred: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
     """What a perfect patch model would say, averaged over ``result``'s patches weighted by their
-    ``n_instances``: with crop targets (SEG of the cropped patches, the targets before samples v4)
-    and with whole-object targets (:func:`patch_targets` with :func:`object_score_lookup`)."""
+    ``n_instances``: with crop targets (SEG of the cropped patches, the ``seg`` target)
+    and with whole-object targets (``seg_objects``: :func:`patch_targets` with :func:`object_score_lookup`)."""
     sizes = np.bincount(ref.ravel())[1:]
     min_voxels = max(8, int(0.1 * np.median(sizes[sizes > 0])))
     scores = object_score_lookup(pred, ref)
@@ -71,7 +72,7 @@ def patch_truth_aggregates(result, pred: np.ndarray, ref: np.ndarray) -> tuple[f
         value = patch_targets(pred[box], ref[box], min_voxels, ("seg",))
         if value is not None and row["n_instances"]:
             crop.append(value[0])
-            whole.append(patch_targets(pred[box], ref[box], min_voxels, ("seg",), scores)[0])
+            whole.append(patch_targets(pred[box], ref[box], min_voxels, ("seg_objects",), scores)[0])
             weights.append(row["n_instances"])
     if not weights:
         return float("nan"), float("nan")

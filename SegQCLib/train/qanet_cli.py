@@ -32,12 +32,15 @@ DEFAULTS: dict[int, dict[str, Any]] = {
 }
 
 
+#: Heads of a trained QANet, and the columns of the cached sample sets.
+DEFAULT_TARGETS = ("seg", "nemhd", "seg_objects")
+
 #: Added to a split's seed for its simulated stacks, so that no stack shares a seed with a 2D image.
 STACK_SEED_OFFSET = 100
 
 
 def sample_set(data_dir: Path, dims: int, split: str, n_images: int, patch: int,
-               targets: tuple[str, ...] = ("seg", "nemhd"), stack_slices: bool = False, progress: bool = True,
+               targets: tuple[str, ...] = DEFAULT_TARGETS, stack_slices: bool = False, progress: bool = True,
                log=print) -> QANetSamples:
     """The (unbalanced) patches of ``split`` (train / val / test), built once and cached in ``data_dir``;
     ``stack_slices``: 2D patches of z slices of ``n_images`` simulated 3D stacks instead."""
@@ -62,7 +65,7 @@ def sample_set(data_dir: Path, dims: int, split: str, n_images: int, patch: int,
 def train_qanet(out: Path, dims: int = 2, name: str | None = None, fusion: str = "ribcage",
                 encoding: str = "trinary", width: float | None = None, patch: int | None = None,
                 epochs: int | None = None, batch_size: int | None = None, lr: float = 2e-3,
-                targets: tuple[str, ...] = ("seg", "nemhd"), train_images: int | None = None,
+                targets: tuple[str, ...] = DEFAULT_TARGETS, train_images: int | None = None,
                 val_images: int | None = None, test_images: int | None = None, train_patches: int | None = None,
                 stack_images: tuple[int, int, int] | None = None, data_dir: Path | None = None, threads: int = 1,
                 device: str = "auto",
@@ -135,7 +138,8 @@ def train_qanet(out: Path, dims: int = 2, name: str | None = None, fusion: str =
         "data": {"simulator": "SegQCLib.data.cells (parameters randomised around cells3d and the scratch assay)",
                  "images": n_img, "stack_images": n_stack if dims == 2 else {}, "seeds": dict(SPLIT_SEEDS),
                  "stack_seed_offset": STACK_SEED_OFFSET, "patch": patch, "samples_version": SAMPLES_VERSION,
-                 "seg_target": "mean whole-image SEG score of the GT objects in the patch",
+                 "seg_target": "seg: SEG of the cropped patch (the paper's); seg_objects: mean whole-image SEG "
+                               "score of the GT objects in the patch, averaged into the image score",
                  "radius_range_px": list(d["radius_range"]), "train_patches": len(train_set),
                  "train_seg_histogram": seg_histogram(train_set.seg), "test_patches": len(test_set),
                  "test_seg_histogram": seg_histogram(test_set.seg)},
@@ -172,16 +176,16 @@ def evaluate_qanet(card: str | Path, data_dir: Path | None = None, device: str =
 
 def format_report(results: dict[str, Any]) -> str:
     """Plain-text table: split, target, n, Pearson r, SROCC, MAE, RMSE, bias, AUC; then SEG by kind."""
-    lines = [f"{'split':<16}{'target':<8}{'n':>7}{'r':>8}{'SROCC':>8}{'MAE':>8}{'RMSE':>8}{'bias':>8}{'AUC':>8}"]
+    lines = [f"{'split':<28}{'target':<12}{'n':>7}{'r':>8}{'SROCC':>8}{'MAE':>8}{'RMSE':>8}{'bias':>8}{'AUC':>8}"]
     for split, report in results.items():
         for target, r in report.items():
             if target == "by_kind":
                 continue
-            lines.append(f"{split:<16}{target:<8}{r['n']:>7}{r['lcc']:>8.3f}{r['srocc']:>8.3f}{r['mae']:>8.3f}"
+            lines.append(f"{split:<28}{target:<12}{r['n']:>7}{r['lcc']:>8.3f}{r['srocc']:>8.3f}{r['mae']:>8.3f}"
                          f"{r['rmse']:>8.3f}{r['bias']:>+8.3f}{r['auc']:>8.3f}")
         kinds = ", ".join(f"{k}: true {v['mean_true']:.2f} / pred {v['mean_pred']:.2f} (MAE {v['mae']:.3f})"
                           for k, v in report.get("by_kind", {}).items())
-        lines.append(f"{'':<16}SEG by kind — {kinds}")
+        lines.append(f"{'':<28}SEG by kind — {kinds}")
     return "\n".join(lines)
 
 

@@ -24,13 +24,18 @@ false-positive blobs (p 0.1; SEG does not penalise them, and the model should le
 Patch targets: a GT object counts in a patch when at least ``max(8, 0.1 * median object size)``
 of its voxels lie inside (slivers cut by the patch edge are removed from the GT patch before
 scoring; the network input is not changed). Patches without a counted GT object are skipped
-(SEG is undefined there). The SEG target of a patch is the mean of the counted GT objects'
-**whole-image** SEG scores (IoU with their match in the full image, 0 unmatched), not SEG of the
-cropped patches: cropping forgives merges, because a merged object cut by the patch edge still
-covers more than half of the nucleus inside. With patch-SEG targets, patch truths averaged as
-:meth:`~SegQCLib.models.qanet.QANetQC.assess_instances` averages them gave 0.82 for a threshold
-segmentation of cells3d whose SEG is 0.70 (``benchmarks/qanet_merges.py``). The other targets
-(``nemhd``) stay patch-level. The patch SEG histogram is then flattened (:func:`balance`).
+(SEG is undefined there). Two SEG targets:
+
+- ``seg``: SEG of the cropped patches, the paper's patch score (GT objects matched inside the patch);
+- ``seg_objects``: the mean of the counted GT objects' **whole-image** SEG scores (IoU with their
+  match in the full image, 0 unmatched). Cropping forgives merges: a merged object cut by the patch
+  edge still covers more than half of the nucleus inside. Patch truths averaged as
+  :meth:`~SegQCLib.models.qanet.QANetQC.assess_instances` averages them gave 0.82 with ``seg`` for
+  a threshold segmentation of cells3d whose SEG is 0.70, and 0.77 with ``seg_objects``
+  (``benchmarks/qanet_merges.py``). The image score is averaged from this head when a model has it.
+
+``nemhd`` (negative-exponential MHD) is patch-level. The histogram of ``seg`` is then flattened
+(:func:`balance`).
 
 For the 2D model, part of the pool are patches of z slices of simulated 3D stacks
 (``stack_slices``): a 2D model scoring a real z stack slice by slice meets nucleus caps cut by the
@@ -267,8 +272,9 @@ def patch_targets(pred: np.ndarray, gt: np.ndarray, min_voxels: int, targets: tu
                   object_scores: np.ndarray | None = None) -> list[float] | None:
     """True qualities of one patch (GT slivers below ``min_voxels`` removed); None without GT object.
 
-    object_scores: :func:`object_score_lookup` of the whole image. Given, ``seg`` is the mean
-    whole-image score of the GT objects counted in the patch; otherwise SEG of the two patches.
+    targets: names among :data:`~SegQCLib.models.qanet.TARGETS`. object_scores:
+    :func:`object_score_lookup` of the whole image, needed for ``seg_objects`` (the mean whole-image
+    score of the GT objects counted in the patch); ``seg`` is SEG of the two cropped patches.
     """
     ids, counts = np.unique(gt[gt > 0], return_counts=True)
     small = ids[counts < min_voxels]
@@ -276,21 +282,26 @@ def patch_targets(pred: np.ndarray, gt: np.ndarray, min_voxels: int, targets: tu
         gt = np.where(np.isin(gt, small), 0, gt)
     if not np.any(gt):
         return None
-    seg = float(object_scores[ids[counts >= min_voxels]].mean()) if object_scores is not None else None
-    if targets == ("seg",):
-        return [seg if seg is not None else seg_measure(pred, gt)]
-    m = instance_metrics(pred, gt)
-    if seg is not None:
-        m["seg"] = seg
-    return [float(m[t]) for t in targets]
+    values: dict[str, float] = {}
+    if "seg_objects" in targets:
+        if object_scores is None:
+            raise ValueError("the seg_objects target needs the whole image's object_scores")
+        values["seg_objects"] = float(object_scores[ids[counts >= min_voxels]].mean())
+    patch_level = [t for t in targets if t != "seg_objects"]
+    if patch_level == ["seg"]:
+        values["seg"] = seg_measure(pred, gt)
+    elif patch_level:
+        values.update(instance_metrics(pred, gt))
+    return [float(values[t]) for t in targets]
 
 
 #: Share of a simulated image covered by nuclei (log-uniform): sparse to crowded.
 FILL_RANGE = (0.01, 0.5)
 #: Version of the simulated training data: part of the sample-cache file names, so that a cache made
 #: by an older simulator or sampler is not reused (2: sparse scenes, FILL_RANGE from 0.01; 3: touching
-#: clusters of nuclei, CellSimParameters.clustering; 4: SEG target from whole-image object scores).
-SAMPLES_VERSION = 4
+#: clusters of nuclei, CellSimParameters.clustering; 4: SEG target from whole-image object scores;
+#: 5: both, ``seg`` from the cropped patches again and ``seg_objects`` from whole-image object scores).
+SAMPLES_VERSION = 5
 
 
 def _default_geometry(dims: int, patch: int) -> dict:
@@ -328,7 +339,8 @@ def simulate_scene(rng: np.random.Generator, dims: int, shape: tuple[int, ...], 
 
 def generate_samples(dims: int, n_images: int, seed: int, patch: int = 64, perturbations: int = 3,
                      patches_per_perturbation: int | None = None, image_shape: tuple[int, ...] | None = None,
-                     radius_range: tuple[float, float] | None = None, targets: tuple[str, ...] = ("seg", "nemhd"),
+                     radius_range: tuple[float, float] | None = None,
+                     targets: tuple[str, ...] = ("seg", "nemhd", "seg_objects"),
                      fill_range: tuple[float, float] = FILL_RANGE, stack_slices: bool = False,
                      progress: bool = True, log=print) -> QANetSamples:
     """A pool of samples from ``n_images`` simulated images (``perturbations`` erroneous segmentations
@@ -374,9 +386,10 @@ def generate_samples(dims: int, n_images: int, seed: int, patch: int = 64, pertu
             for _ in range(perturbations):
                 pred, kind = perturb_instances(gt, rng, image, params.radius)
                 tri = None if stack_slices else trinary(pred)
-                # SEG target: whole-image scores of the GT objects in the patch (per z slice for stack
+                # seg_objects: whole-image scores of the GT objects in the patch (per z slice for stack
                 # slices, as the 2D model is evaluated slice by slice)
-                scores = {} if stack_slices else {None: object_score_lookup(pred, gt)}
+                whole = "seg_objects" in targets
+                scores = {} if stack_slices or not whole else {None: object_score_lookup(pred, gt)}
                 kept = 0
                 for _try in range(per * 3):  # random corners; keep `per` patches holding a GT object
                     corner = [int(rng.integers(0, n - patch + 1)) for n in shape]
@@ -384,9 +397,9 @@ def generate_samples(dims: int, n_images: int, seed: int, patch: int = 64, pertu
                     if stack_slices:  # a patch of one z slice; labels and trinary map of that slice
                         box = (int(rng.integers(0, sim_shape[0])),) + box
                     z = box[0] if stack_slices else None
-                    if z not in scores:
+                    if whole and z not in scores:
                         scores[z] = object_score_lookup(pred[z], gt[z])
-                    values = patch_targets(pred[box], gt[box], min_vox, targets, scores[z])
+                    values = patch_targets(pred[box], gt[box], min_vox, targets, scores.get(z))
                     if values is None or any(not np.isfinite(v) for v in values):
                         continue
                     images.append(norm[box].astype(np.float16))

@@ -1,8 +1,8 @@
 """Training and evaluation of QANet on :class:`~SegQCLib.train.qanet_data.QANetSamples`.
 
 Loss: MSE between predicted and true SEG (QANet eq. 4), each sample weighted by the inverse
-frequency of its true-SEG bin (10 bins, weights normalised to mean 1), plus ``aux_weight`` times
-the MSE of any extra target (negative-exponential MHD). Adam, cosine learning-rate decay,
+frequency of its true-SEG bin (10 bins, weights normalised to mean 1), plus the same for the
+``seg_objects`` head, plus ``aux_weight`` times the MSE of any other target (negative-exponential MHD). Adam, cosine learning-rate decay,
 flips / 90-degree in-plane rotations and a random intensity affine + gamma as augmentation.
 
 Checkpoints: ``OUT/checkpoint.pt`` (weights, optimiser, scheduler, epoch, batch within the epoch,
@@ -172,7 +172,7 @@ def train(out_dir: str | Path, train_set: QANetSamples, val_set: QANetSamples, c
         f"{count_parameters(net):,} parameters, {len(train_set)} train / {len(val_set)} val patches, device {device}")
     weights = torch.from_numpy(bin_weights(train_set.seg, options.bins))
     target = torch.from_numpy(train_set.target[:, columns])
-    task_weights = torch.tensor([1.0] + [options.aux_weight] * (len(columns) - 1))
+    task_weights = torch.tensor([1.0 if t in ("seg", "seg_objects") else options.aux_weight for t in config.targets])
     epoch, batch = start_epoch, start_batch
     started_run = time.perf_counter()
 
