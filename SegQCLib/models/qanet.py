@@ -406,8 +406,11 @@ class QANetResult:
         return np.array([row["seg"] for row in self.patches], dtype=np.float64)
 
     def to_json_dict(self) -> dict[str, Any]:
-        """``{"model", "image_score": {"seg": ...}, "patches": [{y0, x0(, z0), size, seg, n_instances}],
-        "scale", "patch_size", "runtime_s"}``; non-finite numbers become null."""
+        """``{"model", "image_score": {"seg": ..., <other heads>: ...}, "patches": [{y0, x0(, z0), size, seg,
+        <other heads>, n_instances}], "scale", "patch_size", "runtime_s"}``; non-finite numbers become null.
+        ``image_score["seg"]`` is the image score (:attr:`image_score`); the other keys are the instance
+        averages of the other heads (``seg_objects``, which the image score is made of when present,
+        and ``nemhd``)."""
         def num(v: Any) -> Any:
             if isinstance(v, (bool, np.bool_)):
                 return bool(v)
