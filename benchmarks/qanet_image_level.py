@@ -32,7 +32,7 @@ from rich.progress import track
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from SegQCLib.models.qanet import load_model  # noqa: E402
+from SegQCLib.models.qanet import IMAGE_TARGET, load_model  # noqa: E402
 from SegQCLib.train.qanet_data import SPLIT_SEEDS, perturb_instances, simulate_scene  # noqa: E402
 from SegQCLib.train.qanet_real import _slice_seg  # noqa: E402
 from SegQCLib.metrics import seg_measure  # noqa: E402
@@ -67,12 +67,12 @@ def main() -> None:
             true.append(_slice_seg(pred, gt)[0] if kind == "stack" else seg_measure(pred, gt))
             result = model.assess_instances(image, pred)
             by_instance.append(result.image_score)
-            head = "seg_objects" if "seg_objects" in model.config.targets else "seg"
+            head = IMAGE_TARGET if IMAGE_TARGET in model.config.targets else "seg"
             by_patch.append(result.extra["image_scores_patch_weighted"][head])
             by_seg_head.append(result.extra["image_scores"]["seg"])
         t = np.array(true)
         out[kind] = {"instances": _summary(t, np.array(by_instance)), "patches": _summary(t, np.array(by_patch))}
-        if "seg_objects" in model.config.targets:
+        if IMAGE_TARGET in model.config.targets:
             out[kind]["instances (seg head)"] = _summary(t, np.array(by_seg_head))
     print(f"model {args.model}\n\n| scenes | aggregation | n | r | MAE | mean rel. error |\n|---|---|---|---|---|---|")
     for kind in ("2d", "stack"):

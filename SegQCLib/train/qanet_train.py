@@ -2,8 +2,9 @@
 
 Loss: MSE between predicted and true SEG (QANet eq. 4), each sample weighted by the inverse
 frequency of its true-SEG bin (10 bins, weights normalised to mean 1), plus the same for the
-``seg_objects`` head, plus ``aux_weight`` times the MSE of any other target (negative-exponential MHD). Adam, cosine learning-rate decay,
-flips / 90-degree in-plane rotations and a random intensity affine + gamma as augmentation.
+``seg_objects`` head, plus ``aux_weight`` times the MSE of any other target (negative-exponential
+MHD). Adam, cosine learning-rate decay, flips / 90-degree in-plane rotations and a random intensity
+affine + gamma as augmentation.
 
 Checkpoints: ``OUT/checkpoint.pt`` (weights, optimiser, scheduler, epoch, batch within the epoch,
 best score, history) every ``checkpoint_minutes`` and after every epoch; Ctrl-C or SIGTERM saves it
