@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from SegQCLib.data.cells import simulate_cells  # noqa: E402
 from SegQCLib.degrade import merge_neighbours  # noqa: E402
 from SegQCLib.metrics import seg_measure  # noqa: E402
-from SegQCLib.models.qanet import load_model  # noqa: E402
+from SegQCLib.models.qanet import IMAGE_TARGET, load_model  # noqa: E402
 from SegQCLib.train.qanet_data import object_score_lookup, patch_targets  # noqa: E402
 from SegQCLib.train.qanet_real import cells3d, segment  # noqa: E402
 
@@ -97,6 +97,42 @@ def _row(name: str, pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray]], mode
     return row
 
 
+def instance_scores(result, labels: np.ndarray, head: str) -> dict[int, float]:
+    """Each instance's score as :meth:`QANetQC.assess_instances` forms it (2D, no rescaling of the
+    patch boxes needed: rows are in input px): the pixel-weighted mean of ``head`` over its patches."""
+    total, count = np.zeros(labels.shape), np.zeros(labels.shape)
+    for row in result.patches:
+        box = (slice(row["y0"], row["y0"] + row["size"]), slice(row["x0"], row["x0"] + row["size"]))
+        total[box] += row[head]
+        count[box] += 1.0
+    per_pixel = total / np.maximum(count, 1.0)
+    return {int(v): float(per_pixel[labels == v].mean()) for v in np.unique(labels)[1:]}
+
+
+def merged_vs_single(name: str, pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray]], model) -> dict:
+    """Mean instance score of merged instances (holding > half of two or more reference objects) and
+    of the others (instances of at least half the median reference object)."""
+    head = IMAGE_TARGET if IMAGE_TARGET in model.config.targets else "seg"
+    merged, single = [], []
+    for image, pred, ref in pairs:
+        scores = instance_scores(model.assess_instances(image, pred), pred, head)
+        sizes = np.bincount(ref.ravel())[1:]
+        min_size = 0.5 * np.median(sizes[sizes > 0])
+        for value, score in scores.items():
+            inside = pred == value
+            if np.count_nonzero(inside) < min_size:
+                continue
+            ids, counts = np.unique(ref[inside & (ref > 0)], return_counts=True)
+            held = int(np.count_nonzero(counts > 0.5 * np.bincount(ref.ravel())[ids]))
+            (merged if held >= 2 else single).append(score)
+    row = {"case": name, "merged": len(merged), "merged_mean": float(np.mean(merged)) if merged else None,
+           "single": len(single), "single_mean": float(np.mean(single)) if single else None}
+    fmt = lambda v: f"{v:.3f}" if v is not None else "—"  # noqa: E731
+    print(f"| {name} | {len(merged)} | {fmt(row['merged_mean'])} | {len(single)} | {fmt(row['single_mean'])} |",
+          flush=True)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=ROOT / "Resources" / "Models" / "qanet-nuclei-2d.json")
@@ -121,8 +157,18 @@ def main() -> None:
         rows.append(_row(f"cells3d: {method}", [(image[z], seg[z], labels[z]) for z in zs], model))
         rows.append(_row(f"cells3d: labels merged like {method}",
                          [(image[z], merged_like(labels[z], seg[z]), labels[z]) for z in zs], model))
+    print("\nDoes the model see the merges? Mean instance score (image head) of merged and single instances:\n\n"
+          "| case | merged instances | merged: mean score | single instances | single: mean score |\n|---|---|---|---|---|")
+    per_instance = [merged_vs_single("simulated: exact labels + 5 merges",
+                                     [(im, merge_neighbours(lab.astype(np.int32), np.random.default_rng(seed), n_merges=5,
+                                                            max_gap_vox=1.0), lab.astype(np.int32))
+                                      for seed, (im, lab) in enumerate(sims)], model)]
+    for method in MERGING_METHODS:
+        seg = segment(image, method)
+        per_instance.append(merged_vs_single(f"cells3d: {method}", [(image[z], seg[z], labels[z]) for z in zs], model))
     if args.json:
-        args.json.write_text(json.dumps({"model": str(args.model), "rows": rows}, indent=2))
+        args.json.write_text(json.dumps({"model": str(args.model), "rows": rows, "per_instance": per_instance},
+                                        indent=2))
 
 
 if __name__ == "__main__":
