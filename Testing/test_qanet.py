@@ -63,6 +63,22 @@ def test_clustering_places_nuclei_in_touching_clumps(shape) -> None:
     assert clumped >= max(8, 3 * spread), (spread, clumped)
 
 
+def test_negative_overlap_keeps_clumped_neighbours_apart() -> None:
+    """max_overlap < 0: clumped neighbours keep a gap and kiss at most at a point (cells3d), instead of
+    sharing a contact line."""
+    def contact_px(max_overlap: float) -> int:
+        total = 0
+        for seed in range(3):
+            labels = simulate_cells((160, 160), 12, seed=seed, radius=9.0, clustering=0.8, irregularity=0.02,
+                                    max_overlap=max_overlap)[1].astype(int)
+            a, b = labels[:, :-1], labels[:, 1:]
+            total += int(np.count_nonzero((a > 0) & (b > 0) & (a != b)))
+        return total
+
+    overlapping, apart = contact_px(0.15), contact_px(-0.1)
+    assert overlapping > 50 and apart < 0.1 * overlapping, (overlapping, apart)
+
+
 # ------------------------------------------------------------------------------------ encodings
 def test_trinary_on_hand_made_labels() -> None:
     labels = np.zeros((6, 8), np.int32)
