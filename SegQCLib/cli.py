@@ -156,13 +156,16 @@ def _qc_instances(model_name: str, image: Path, labels: Path, device: str, json_
     result = qc_instances(model_name, image, labels, device=device)
     table = Table(title=f"{result.model} — patches", show_lines=False)
     corner = [k for k in ("z0", "y0", "x0") if result.patches and k in result.patches[0]]
-    for column in (*corner, "size", "instances", "pred SEG"):
+    whole = bool(result.patches) and "seg_objects" in result.patches[0]
+    for column in (*corner, "size", "instances", "pred SEG", *(("pred whole-object SEG",) if whole else ())):
         table.add_column(column, justify="right")
     for row in sorted(result.patches, key=lambda r: r["seg"]):
-        table.add_row(*(str(row[k]) for k in corner), str(row["size"]), str(row["n_instances"]), _fmt(float(row["seg"])))
+        table.add_row(*(str(row[k]) for k in corner), str(row["size"]), str(row["n_instances"]), _fmt(float(row["seg"])),
+                      *((_fmt(float(row["seg_objects"])),) if whole else ()))
     console.print(table)
-    console.print(f"image SEG (predicted): {_fmt(float(result.image_score))} from {len(result.patches)} patches; "
-                  f"runtime {result.runtime_s:.2f} s")
+    source = "whole-object SEG" if whole else "patch SEG"
+    console.print(f"image SEG (predicted): {_fmt(float(result.image_score))}, the instance average of the {source} "
+                  f"of {len(result.patches)} patches; runtime {result.runtime_s:.2f} s")
     if json_out:
         write_json(result.to_json_dict(), json_out, (image, labels))
     if heatmap_out:

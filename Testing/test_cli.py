@@ -224,6 +224,9 @@ def test_qc_with_the_shipped_qanet_scores_instances_per_patch(tmp_path):
         assert main(["qc", str(tmp_path / "cells.tif"), str(tmp_path / f"{name}.tif"), "--model", "qanet-nuclei-2d",
                      "--json", str(out), "--heatmap", str(heat)]) == 0
         data = json.loads(out.read_text())
+        # the shipped model's image score is the instance average of its whole-object head
+        assert data["image_score"]["seg"] == pytest.approx(data["image_score"]["seg_objects"], abs=1e-6)
+        assert all("seg_objects" in row for row in data["patches"])
         assert set(data) >= {"model", "image_score", "patches"} and data["patches"]
         assert tifffile.imread(heat).shape == image.shape
         scores[name] = data["image_score"]["seg"]
