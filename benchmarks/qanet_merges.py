@@ -98,8 +98,8 @@ def _row(name: str, pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray]], mode
 
 
 def instance_scores(result, labels: np.ndarray, head: str) -> dict[int, float]:
-    """Each instance's score as :meth:`QANetQC.assess_instances` forms it (2D, no rescaling of the
-    patch boxes needed: rows are in input px): the pixel-weighted mean of ``head`` over its patches."""
+    """Each instance's score, nearly as :meth:`QANetQC.assess_instances` forms it on the working grid:
+    the pixel-weighted mean of ``head`` over the patches holding it (2D; patch rows in input px)."""
     total, count = np.zeros(labels.shape), np.zeros(labels.shape)
     for row in result.patches:
         box = (slice(row["y0"], row["y0"] + row["size"]), slice(row["x0"], row["x0"] + row["size"]))
@@ -152,8 +152,8 @@ def main() -> None:
     image, labels = cells3d()
     zs = [z for z in range(labels.shape[0]) if np.count_nonzero(np.unique(labels[z])) >= 15]
     rows.append(_row(f"cells3d z {zs[0]}-{zs[-1]}: provided labels", [(image[z], labels[z], labels[z]) for z in zs], model))
-    for method in MERGING_METHODS:
-        seg = segment(image, method)
+    segmentations = {method: segment(image, method) for method in MERGING_METHODS}
+    for method, seg in segmentations.items():
         rows.append(_row(f"cells3d: {method}", [(image[z], seg[z], labels[z]) for z in zs], model))
         rows.append(_row(f"cells3d: labels merged like {method}",
                          [(image[z], merged_like(labels[z], seg[z]), labels[z]) for z in zs], model))
@@ -163,8 +163,7 @@ def main() -> None:
                                      [(im, merge_neighbours(lab.astype(np.int32), np.random.default_rng(seed), n_merges=5,
                                                             max_gap_vox=1.0), lab.astype(np.int32))
                                       for seed, (im, lab) in enumerate(sims)], model)]
-    for method in MERGING_METHODS:
-        seg = segment(image, method)
+    for method, seg in segmentations.items():
         per_instance.append(merged_vs_single(f"cells3d: {method}", [(image[z], seg[z], labels[z]) for z in zs], model))
     if args.json:
         args.json.write_text(json.dumps({"model": str(args.model), "rows": rows, "per_instance": per_instance},
