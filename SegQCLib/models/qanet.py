@@ -556,7 +556,8 @@ class QANetQC:
         work_lab = _zoom(labels, work_shape, order=0)
         tri = trinary(work_lab)
         sizes = np.bincount(work_lab.ravel())
-        min_count = COUNT_FRACTION * typical_size(work_lab) if sizes[1:].any() else math.inf
+        typical = typical_size(work_lab) if sizes[1:].any() else math.inf
+        min_count = COUNT_FRACTION * typical
         counted = sizes >= min_count
         counted[0] = False
         # pad to at least one patch per axis: background-like image, no labels
@@ -603,7 +604,7 @@ class QANetQC:
         heat = _zoom(heat_work, image.shape, order=0)
         held = np.flatnonzero(inst_px > 0)
         instances = (inst_sum[held] / inst_px[held, None],
-                     np.maximum(1.0, sizes[held] / typical_size(work_lab)) if held.size else np.zeros(0))
+                     np.maximum(1.0, sizes[held] / typical) if held.size else np.zeros(0))
         return rows, heat, preds, instances
 
     # The QC protocol of SegQCLib.qc, for consumers that hold a Volume and a mask.

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
-from ..models.qanet import QANetConfig, QANetQC, QANetResult, load_model
+from ..models.qanet import TARGETS, QANetConfig, QANetQC, QANetResult, load_model
 from .qanet_data import SAMPLES_VERSION, SPLIT_SEEDS, QANetSamples, balance, generate_samples, seg_histogram
 
 #: Default sizes per dimensionality: simulated images per split, balanced training patches, epochs,
@@ -32,15 +32,12 @@ DEFAULTS: dict[int, dict[str, Any]] = {
 }
 
 
-#: Heads of a trained QANet, and the columns of the cached sample sets.
-DEFAULT_TARGETS = ("seg", "nemhd", "seg_objects")
-
 #: Added to a split's seed for its simulated stacks, so that no stack shares a seed with a 2D image.
 STACK_SEED_OFFSET = 100
 
 
 def sample_set(data_dir: Path, dims: int, split: str, n_images: int, patch: int,
-               targets: tuple[str, ...] = DEFAULT_TARGETS, stack_slices: bool = False, progress: bool = True,
+               targets: tuple[str, ...] = TARGETS, stack_slices: bool = False, progress: bool = True,
                log=print) -> QANetSamples:
     """The (unbalanced) patches of ``split`` (train / val / test), built once and cached in ``data_dir``;
     ``stack_slices``: 2D patches of z slices of ``n_images`` simulated 3D stacks instead."""
@@ -65,7 +62,7 @@ def sample_set(data_dir: Path, dims: int, split: str, n_images: int, patch: int,
 def train_qanet(out: Path, dims: int = 2, name: str | None = None, fusion: str = "ribcage",
                 encoding: str = "trinary", width: float | None = None, patch: int | None = None,
                 epochs: int | None = None, batch_size: int | None = None, lr: float = 2e-3,
-                targets: tuple[str, ...] = DEFAULT_TARGETS, train_images: int | None = None,
+                targets: tuple[str, ...] = TARGETS, train_images: int | None = None,
                 val_images: int | None = None, test_images: int | None = None, train_patches: int | None = None,
                 stack_images: tuple[int, int, int] | None = None, data_dir: Path | None = None, threads: int = 1,
                 device: str = "auto",
