@@ -311,6 +311,47 @@ def test_image_score_is_the_instance_average_of_the_seg_objects_head() -> None:
     assert payload["image_score"]["seg"] == pytest.approx(scores["seg_objects"], abs=1e-5)
 
 
+def test_split_components_gives_each_piece_its_share_of_its_instance() -> None:
+    from SegQCLib.models.qanet import split_components
+
+    labels = np.zeros((12, 12), np.int32)
+    labels[1:4, 1:4] = 1        # instance 1: two pieces apart, 9 + 3 px
+    labels[8:9, 8:11] = 1
+    labels[1:4, 4:7] = 2        # instance 2 touches instance 1 and stays its own piece
+    labels[5, 5] = 3            # instance 3: two pixels touching diagonally, one piece
+    labels[6, 6] = 3
+    pieces, share = split_components(labels)
+    assert pieces.max() == 4
+    assert np.array_equal(pieces > 0, labels > 0)
+    for piece in range(1, 5):  # every piece lies in one instance
+        assert len(np.unique(labels[pieces == piece])) == 1
+    by_piece = {int(labels[pieces == k][0]): [] for k in range(1, 5)}
+    for k in range(1, 5):
+        by_piece[int(labels[pieces == k][0])].append(share[k])
+    assert sorted(by_piece[1]) == pytest.approx([0.25, 0.75])
+    assert by_piece[2] == pytest.approx([1.0]) and by_piece[3] == pytest.approx([1.0])
+    assert share[0] == 0.0
+
+
+def test_one_id_on_nuclei_apart_is_scored_as_a_merge(tiny_model) -> None:
+    """Two nuclei apart under one id draw the same trinary map as two ids; the image score still
+    falls to each piece's share, as SEG does (here two equal pieces: half)."""
+    best, _ = tiny_model
+    model = load_model(best, "cpu")
+    labels = np.zeros((64, 128), np.int32)
+    yy, xx = np.mgrid[:64, :128]
+    labels[(yy - 32) ** 2 + (xx - 32) ** 2 < 81] = 1
+    labels[(yy - 32) ** 2 + (xx - 96) ** 2 < 81] = 2
+    rng = np.random.default_rng(4)
+    image = ndi.gaussian_filter(np.where(labels > 0, 3000.0, 1000.0), 1.0) + rng.normal(0, 50, labels.shape)
+    merged = np.where(labels > 0, 1, 0).astype(np.int32)
+    apart = model.assess_instances(image, labels, patch=32, overlap=0.0, scale=1.0)
+    joined = model.assess_instances(image, merged, patch=32, overlap=0.0, scale=1.0)
+    assert apart.image_score > 0.05
+    assert np.allclose(apart.heatmap, joined.heatmap)  # the network sees the same input
+    assert joined.image_score == pytest.approx(0.5 * apart.image_score, rel=1e-6)
+
+
 def test_rescaling_and_3d_inputs(tiny_model) -> None:
     best, _ = tiny_model
     model = load_model(best, "cpu")
