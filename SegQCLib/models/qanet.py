@@ -34,6 +34,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from scipy import ndimage as ndi
+from skimage.measure import label as connected_regions  # pieces of all ids in one pass (ndi.label: one id at a time)
 from torch import nn
 
 from ..errors import InputError
@@ -370,8 +371,6 @@ def split_components(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     a nucleus matched by such an instance M at most |piece| / |M|; the image score multiplies each
     piece's predicted quality by that share.
     """
-    from skimage.measure import label as connected_regions  # one pass over all ids, unlike ndi.label per id
-
     labels = np.asarray(labels)
     pieces = connected_regions(labels, background=0, connectivity=labels.ndim).astype(np.int32)
     piece_sizes = np.bincount(pieces.ravel())
