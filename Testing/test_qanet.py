@@ -320,7 +320,7 @@ def test_split_components_gives_each_piece_its_share_of_its_instance() -> None:
     labels[1:4, 4:7] = 2        # instance 2 touches instance 1 and stays its own piece
     labels[5, 5] = 3            # instance 3: two pixels touching diagonally, one piece
     labels[6, 6] = 3
-    pieces, share = split_components(labels)
+    pieces, share, owner = split_components(labels)
     assert pieces.max() == 4
     assert np.array_equal(pieces > 0, labels > 0)
     for piece in range(1, 5):  # every piece lies in one instance
@@ -330,7 +330,8 @@ def test_split_components_gives_each_piece_its_share_of_its_instance() -> None:
         by_piece[int(labels[pieces == k][0])].append(share[k])
     assert sorted(by_piece[1]) == pytest.approx([0.25, 0.75])
     assert by_piece[2] == pytest.approx([1.0]) and by_piece[3] == pytest.approx([1.0])
-    assert share[0] == 0.0
+    assert share[0] == 0.0 and owner[0] == 0
+    assert all(owner[k] == labels[pieces == k][0] for k in range(1, 5))
 
 
 def test_one_id_on_nuclei_apart_is_scored_as_a_merge(tiny_model) -> None:
@@ -350,6 +351,8 @@ def test_one_id_on_nuclei_apart_is_scored_as_a_merge(tiny_model) -> None:
     assert apart.image_score > 0.05
     assert np.allclose(apart.heatmap, joined.heatmap)  # the network sees the same input
     assert joined.image_score == pytest.approx(0.5 * apart.image_score, rel=1e-6)
+    assert apart.to_json_dict()["instances_in_pieces"] == 0
+    assert joined.to_json_dict()["instances_in_pieces"] == 1
 
 
 def test_rescaling_and_3d_inputs(tiny_model) -> None:

@@ -357,13 +357,14 @@ def auto_scale(labels: np.ndarray, diameter_range: tuple[float, float]) -> float
 COUNT_FRACTION = 0.2
 
 
-def split_components(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def split_components(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Each connected piece of each instance as its own instance, and its share of its instance.
 
     labels: (y, x) or (z, y, x) integer instance labels. Pieces are connected with full
     connectivity (8 in 2D, 26 in 3D), one instance at a time, so touching instances stay apart.
-    Returns ``(pieces, share)``: int32 labels of the same shape, 1..K one per piece (0 background),
-    and ``share`` (K + 1,) float64, each piece's pixels over its instance's (share[0] = 0).
+    Returns ``(pieces, share, owner)``: int32 labels of the same shape, 1..K one per piece (0
+    background); ``share`` (K + 1,) float64, each piece's pixels over its instance's (share[0] = 0);
+    ``owner`` (K + 1,) int64, the instance id of each piece (owner[0] = 0).
 
     Why: an instance made of several pieces (one id on two nuclei apart, as a 3D segmentation
     merged through another slice shows in a 2D slice, or a neck lost when zooming) is a merge that
@@ -379,7 +380,7 @@ def split_components(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     instance_sizes = np.bincount(labels.ravel()).astype(np.float64)
     share = np.zeros(piece_sizes.size, np.float64)
     share[1:] = piece_sizes[1:] / np.maximum(instance_sizes[owner[1:]], 1.0)
-    return pieces, share
+    return pieces, share, owner
 
 
 def _zoom(array: np.ndarray, shape: tuple[int, ...], order: int) -> np.ndarray:
@@ -432,8 +433,10 @@ class QANetResult:
         return np.array([row["seg"] for row in self.patches], dtype=np.float64)
 
     def to_json_dict(self) -> dict[str, Any]:
-        """``{"model", "image_score": {"seg": ..., <other heads>: ...}, "patches": [{y0, x0(, z0), size, seg,
-        <other heads>, n_instances}], "scale", "patch_size", "runtime_s"}``; non-finite numbers become null.
+        """``{"model", "image_score": {"seg": ..., <other heads>: ...}, "instances_in_pieces", "patches": [{y0,
+        x0(, z0), size, seg, <other heads>, n_instances}], "scale", "patch_size", "runtime_s"}``; non-finite
+        numbers become null. ``instances_in_pieces`` counts the instances (in each z slice, for a 2D model
+        on a volume) made of two or more evaluated pieces, scored as merges (:func:`split_components`).
         ``image_score["seg"]`` is the image score (:attr:`image_score`); the other keys are the instance
         averages of the other heads (``seg_objects``, which the image score is made of when present,
         and ``nemhd``)."""
@@ -449,6 +452,7 @@ class QANetResult:
         scores = {"seg": num(self.image_score)}
         scores.update({k: num(v) for k, v in self.extra.get("image_scores", {}).items() if k != "seg"})
         return {"model": self.model, "image_score": scores,
+                "instances_in_pieces": int(self.extra.get("instances_in_pieces", 0)),
                 "patches": [{k: num(v) for k, v in row.items()} for row in self.patches],
                 "scale": num(self.scale), "patch_size": int(self.patch_size),
                 "runtime_s": round(float(self.runtime_s), 4)}
@@ -551,8 +555,8 @@ class QANetQC:
         patches holding it, weighted by its pixels in each), an instance weighing max(1, size /
         typical size) — a merged instance counts as the nuclei it covers, as SEG counts them. Without
         counted instances, the plain mean of the patch predictions."""
-        inst_scores = np.concatenate([s for s, _ in instances]) if instances else np.zeros((0, preds.shape[1]))
-        inst_weights = np.concatenate([w for _, w in instances]) if instances else np.zeros(0)
+        inst_scores = np.concatenate([s for s, _, _ in instances]) if instances else np.zeros((0, preds.shape[1]))
+        inst_weights = np.concatenate([w for _, w, _ in instances]) if instances else np.zeros(0)
         patch_weights = np.array([row["n_instances"] for row in rows], dtype=np.float64)
         scores, patch_weighted = {}, {}
         for k, target in enumerate(self.config.targets):
@@ -568,7 +572,8 @@ class QANetQC:
         return QANetResult(self.name, headline, rows, heat, float(scale), p,
                            time.perf_counter() - start_time,
                            extra={"image_scores": scores, "weighting": "instances",
-                                  "image_scores_patch_weighted": patch_weighted})
+                                  "image_scores_patch_weighted": patch_weighted,
+                                  "instances_in_pieces": sum(n for _, _, n in instances)})
 
     def _assess_grid(self, image: np.ndarray, labels: np.ndarray, p: int, overlap: float, scale: float,
                      z_index: int | None, lo_hi: Sequence[float] | None = None):
@@ -584,12 +589,13 @@ class QANetQC:
         work_lab = _zoom(labels, work_shape, order=0)
         tri = trinary(work_lab)
         # instances are scored piece by piece (split_components): the trinary map is the same
-        work_lab, share = split_components(work_lab)
+        work_lab, share, owner = split_components(work_lab)
         sizes = np.bincount(work_lab.ravel())
         typical = typical_size(work_lab) if sizes[1:].any() else math.inf
         min_count = COUNT_FRACTION * typical
         counted = sizes >= min_count
         counted[0] = False
+        in_pieces = int(np.count_nonzero(np.bincount(owner[counted]) >= 2)) if counted.any() else 0
         # pad to at least one patch per axis: background-like image, no labels
         pad = [(0, max(0, p - n)) for n in work_shape]
         if any(b for _, b in pad):
@@ -634,7 +640,7 @@ class QANetQC:
         heat = _zoom(heat_work, image.shape, order=0)
         held = np.flatnonzero(inst_px > 0)
         instances = (inst_sum[held] / inst_px[held, None] * share[held, None],
-                     np.maximum(1.0, sizes[held] / typical) if held.size else np.zeros(0))
+                     np.maximum(1.0, sizes[held] / typical) if held.size else np.zeros(0), in_pieces)
         return rows, heat, preds, instances
 
     # The QC protocol of SegQCLib.qc, for consumers that hold a Volume and a mask.
