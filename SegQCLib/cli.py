@@ -168,8 +168,8 @@ def _qc_instances(model_name: str, image: Path, labels: Path, device: str, json_
                   f"of {len(result.patches)} patches; runtime {result.runtime_s:.2f} s")
     in_pieces = int(result.extra.get("instances_in_pieces", 0))
     if in_pieces:
-        console.print(f"{in_pieces} instance(s) (counted per z slice in a volume) lie in several pieces under one id: "
-                      "scored as merges, each piece times its share of the instance")
+        console.print(f"{in_pieces} instance(s) lie in several pieces under one id (counted per z slice when a 2D "
+                      "model scores a volume): scored as merges, each piece times its share of the instance")
     if json_out:
         write_json(result.to_json_dict(), json_out, (image, labels))
     if heatmap_out:
