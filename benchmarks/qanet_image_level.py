@@ -53,6 +53,7 @@ def main() -> None:
     args = parser.parse_args()
     model = load_model(args.model, "cpu")
     out = {"model": str(args.model)}
+    head = IMAGE_TARGET if IMAGE_TARGET in model.config.targets else "seg"
     for kind, n in (("2d", args.images), ("stack", args.stacks)):
         true, by_instance, by_patch, by_seg_head = [], [], [], []
         for i in track(range(n), description=f"{kind} scenes"):
@@ -67,7 +68,6 @@ def main() -> None:
             true.append(_slice_seg(pred, gt)[0] if kind == "stack" else seg_measure(pred, gt))
             result = model.assess_instances(image, pred)
             by_instance.append(result.image_score)
-            head = IMAGE_TARGET if IMAGE_TARGET in model.config.targets else "seg"
             by_patch.append(result.extra["image_scores_patch_weighted"][head])
             by_seg_head.append(result.extra["image_scores"]["seg"])
         t = np.array(true)

@@ -118,14 +118,14 @@ def merged_vs_single(name: str, pairs: list[tuple[np.ndarray, np.ndarray, np.nda
     merged, single = [], []
     for image, pred, ref in pairs:
         scores = instance_scores(model.assess_instances(image, pred), pred, head)
-        sizes = np.bincount(ref.ravel())[1:]
-        min_size = 0.5 * np.median(sizes[sizes > 0])
+        ref_sizes = np.bincount(ref.ravel())
+        min_size = 0.5 * np.median(ref_sizes[1:][ref_sizes[1:] > 0])
         for value, score in scores.items():
             inside = pred == value
             if np.count_nonzero(inside) < min_size:
                 continue
             ids, counts = np.unique(ref[inside & (ref > 0)], return_counts=True)
-            held = int(np.count_nonzero(counts > 0.5 * np.bincount(ref.ravel())[ids]))
+            held = int(np.count_nonzero(counts > 0.5 * ref_sizes[ids]))
             (merged if held >= 2 else single).append(score)
     row = {"case": name, "merged": len(merged), "merged_mean": float(np.mean(merged)) if merged else None,
            "single": len(single), "single_mean": float(np.mean(single)) if single else None}

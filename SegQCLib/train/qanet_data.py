@@ -359,6 +359,7 @@ def generate_samples(dims: int, n_images: int, seed: int, patch: int = 64, pertu
     input). Plain 2D images have no nucleus caps cut by the focal plane nor z blur, and a 2D model
     trained only on them failed on the top and bottom slices of real stacks (cells3d).
     """
+    whole = "seg_objects" in targets  # whole-image object scores are needed
     if stack_slices and dims != 2:
         raise ValueError("stack_slices is for 2D samples (slices of simulated 3D stacks)")
     geometry = _default_geometry(dims, patch)
@@ -388,7 +389,6 @@ def generate_samples(dims: int, n_images: int, seed: int, patch: int = 64, pertu
                 tri = None if stack_slices else trinary(pred)
                 # seg_objects: whole-image scores of the GT objects in the patch (per z slice for stack
                 # slices, as the 2D model is evaluated slice by slice)
-                whole = "seg_objects" in targets
                 scores = {} if stack_slices or not whole else {None: object_score_lookup(pred, gt)}
                 kept = 0
                 for _try in range(per * 3):  # random corners; keep `per` patches holding a GT object
