@@ -170,6 +170,10 @@ def _qc_instances(model_name: str, image: Path, labels: Path, device: str, json_
     if in_pieces:
         console.print(f"{in_pieces} instance(s) lie in several pieces under one id (counted per z slice when a 2D "
                       "model scores a volume): scored as merges, each piece times its share of the instance")
+    with_holes = int(result.extra.get("instances_with_holes", 0))
+    if with_holes:
+        console.print(f"{with_holes} instance(s) have holes (counted per z slice when a 2D model scores a volume): "
+                      "filled for the network, each scored times the share of its filled outline it covers")
     if json_out:
         write_json(result.to_json_dict(), json_out, (image, labels))
     if heatmap_out:

@@ -355,6 +355,67 @@ def test_one_id_on_nuclei_apart_is_scored_as_a_merge(tiny_model) -> None:
     assert joined.to_json_dict()["instances_in_pieces"] == 1
 
 
+def test_fill_holes_fills_what_one_instance_encloses_and_nothing_else() -> None:
+    from SegQCLib.models.qanet import fill_holes
+
+    labels = np.zeros((14, 20), np.int32)
+    labels[1:8, 1:8] = 1
+    labels[3:5, 3:5] = 0        # a hole of instance 1: filled
+    labels[1:8, 10:13] = 2      # instances 2 and 3 enclose a gap together: stays background
+    labels[1:8, 14:17] = 3
+    labels[1, 13] = 2
+    labels[7, 13] = 3
+    labels[9:14, 1:6] = 4       # a notch of instance 4 open to the border: stays background
+    labels[11:14, 3] = 0
+    filled = fill_holes(labels)
+    assert filled.dtype == labels.dtype
+    assert np.all(filled[3:5, 3:5] == 1)
+    assert np.all(filled[2:7, 13] == 0)
+    assert np.all(filled[11:14, 3] == 0)
+    assert np.array_equal(filled[labels > 0], labels[labels > 0])  # no instance pixel changes
+    assert np.count_nonzero(filled != labels) == 4
+    cube = np.zeros((7, 7, 7), np.uint16)
+    cube[1:6, 1:6, 1:6] = 5
+    cube[3, 3, 3] = 0           # a cavity in 3D; a hole in its z slice only
+    assert fill_holes(cube)[3, 3, 3] == 5
+    assert np.array_equal(fill_holes(labels[:, :0]), labels[:, :0])
+
+
+def test_scored_pieces_weigh_holes_and_pieces_by_what_they_cover() -> None:
+    from SegQCLib.models.qanet import scored_pieces
+
+    labels = np.zeros((12, 24), np.int32)
+    labels[1:11, 1:11] = 1      # 100 px outline with a 4 px hole: covers 96 %
+    labels[4:6, 4:6] = 0
+    labels[1:4, 14:17] = 2      # two pieces of 9 px under one id: half each
+    labels[8:11, 14:17] = 2
+    filled, pieces, cover, owner = scored_pieces(labels)
+    assert np.all(filled[4:6, 4:6] == 1)
+    weights = {(int(owner[k]), int(np.count_nonzero(pieces == k))): cover[k] for k in range(1, pieces.max() + 1)}
+    assert weights == pytest.approx({(1, 100): 0.96, (2, 9): 0.5})
+
+
+def test_holes_are_filled_for_the_network_and_cost_their_share(tiny_model) -> None:
+    """A nucleus whose mask has a hole is scored as the filled mask times the share it covers, and the
+    result counts it in ``instances_with_holes``."""
+    best, _ = tiny_model
+    model = load_model(best, "cpu")
+    yy, xx = np.mgrid[:64, :64]
+    labels = ((yy - 32) ** 2 + (xx - 32) ** 2 < 196).astype(np.int32)
+    rng = np.random.default_rng(5)
+    image = ndi.gaussian_filter(np.where(labels > 0, 3000.0, 1000.0), 1.0) + rng.normal(0, 50, labels.shape)
+    holed = labels.copy()
+    holed[(yy - 30) ** 2 + (xx - 34) ** 2 < 16] = 0
+    cover = np.count_nonzero(holed) / np.count_nonzero(labels)
+    whole = model.assess_instances(image, labels, patch=32, overlap=0.0, scale=1.0)
+    with_hole = model.assess_instances(image, holed, patch=32, overlap=0.0, scale=1.0)
+    assert whole.image_score > 0.05
+    assert np.allclose(whole.heatmap, with_hole.heatmap)  # the network sees the filled mask
+    assert with_hole.image_score == pytest.approx(cover * whole.image_score, rel=1e-6)
+    assert whole.to_json_dict()["instances_with_holes"] == 0
+    assert with_hole.to_json_dict()["instances_with_holes"] == 1
+
+
 def test_rescaling_and_3d_inputs(tiny_model) -> None:
     best, _ = tiny_model
     model = load_model(best, "cpu")

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from SegQCLib.data.cells import simulate_cells  # noqa: E402
 from SegQCLib.degrade import merge_neighbours  # noqa: E402
 from SegQCLib.metrics import seg_measure  # noqa: E402
-from SegQCLib.models.qanet import IMAGE_TARGET, load_model, split_components  # noqa: E402
+from SegQCLib.models.qanet import IMAGE_TARGET, load_model, scored_pieces  # noqa: E402
 from SegQCLib.train.qanet_data import object_score_lookup, patch_targets  # noqa: E402
 from SegQCLib.train.qanet_real import cells3d, segment  # noqa: E402
 
@@ -100,14 +100,14 @@ def _row(name: str, pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray]], mode
 def instance_scores(result, labels: np.ndarray, head: str) -> dict[int, float]:
     """Each instance's score, nearly as :meth:`QANetQC.assess_instances` forms it on the working grid:
     the pixel-weighted mean of ``head`` over the patches holding it, each pixel times the share of its
-    piece in the instance (:func:`split_components`; 2D, patch rows in input px)."""
+    filled instance that its piece covers (:func:`scored_pieces`; 2D, patch rows in input px)."""
     total, count = np.zeros(labels.shape), np.zeros(labels.shape)
     for row in result.patches:
         box = (slice(row["y0"], row["y0"] + row["size"]), slice(row["x0"], row["x0"] + row["size"]))
         total[box] += row[head]
         count[box] += 1.0
-    pieces, share, _ = split_components(labels)
-    per_pixel = total / np.maximum(count, 1.0) * share[pieces]
+    _, pieces, cover, _ = scored_pieces(labels)
+    per_pixel = total / np.maximum(count, 1.0) * cover[pieces]
     return {int(v): float(per_pixel[labels == v].mean()) for v in np.unique(labels)[1:]}
 
 

@@ -369,8 +369,7 @@ def split_components(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
     Why: an instance made of several pieces (one id on two nuclei apart, as a 3D segmentation
     merged through another slice shows in a 2D slice, or a neck lost when zooming) is a merge that
     the trinary map cannot show, since it draws boundaries only where the id changes. SEG scores
-    a nucleus matched by such an instance M at most |piece| / |M|; the image score multiplies each
-    piece's predicted quality by that share.
+    a nucleus matched by such an instance M at most |piece| / |M| (used by :func:`scored_pieces`).
     """
     labels = np.asarray(labels)
     pieces = connected_regions(labels, background=0, connectivity=labels.ndim).astype(np.int32)
@@ -381,6 +380,70 @@ def split_components(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
     share = np.zeros(piece_sizes.size, np.float64)
     share[1:] = piece_sizes[1:] / np.maximum(instance_sizes[owner[1:]], 1.0)
     return pieces, share, owner
+
+
+def fill_holes(labels: np.ndarray) -> np.ndarray:
+    """Labels with every hole given to the instance around it.
+
+    labels: (y, x) or (z, y, x) integer instance labels. A hole is a face-connected background region
+    that does not reach the image border and touches (by a face) one instance only; background enclosed
+    by two or more instances (a gap between touching nuclei) stays background. Same shape and dtype.
+
+    Why by hand: ``ndi.binary_fill_holes`` fills one mask at a time, so it would fill the gap that
+    several instances enclose together; one labelling of the background handles all instances at once.
+    """
+    labels = np.asarray(labels)
+    if labels.size == 0:
+        return labels
+    regions = connected_regions(labels == 0, background=0, connectivity=1)
+    n_regions = int(regions.max())
+    if n_regions <= 1:
+        return labels
+    reaches_border = np.zeros(n_regions + 1, bool)
+    for axis in range(labels.ndim):
+        for index in (0, -1):
+            reaches_border[np.take(regions, index, axis=axis).ravel()] = True
+    # (background region, instance id) of every face-neighbouring pixel pair
+    pairs = []
+    for axis in range(labels.ndim):
+        r, lab = np.moveaxis(regions, axis, 0), np.moveaxis(labels, axis, 0)
+        for r_side, lab_side in ((r[:-1], lab[1:]), (r[1:], lab[:-1])):
+            touch = (r_side > 0) & (lab_side > 0)
+            pairs.append(np.stack([r_side[touch], lab_side[touch].astype(np.int64)], axis=1))
+    pairs = np.unique(np.concatenate(pairs), axis=0)
+    neighbours = np.bincount(pairs[:, 0], minlength=n_regions + 1)
+    owner = np.zeros(n_regions + 1, np.int64)
+    owner[pairs[:, 0]] = pairs[:, 1]
+    is_hole = (neighbours == 1) & ~reaches_border
+    is_hole[0] = False
+    if not is_hole.any():
+        return labels
+    return np.where(is_hole[regions], owner[regions], labels).astype(labels.dtype)
+
+
+def scored_pieces(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """What the image score averages over: the pieces of the hole-filled instances, and their weights.
+
+    labels: (y, x) or (z, y, x) integer instance labels. Returns ``(filled, pieces, cover, owner)``:
+    ``filled`` = :func:`fill_holes` of ``labels`` (what the network is shown); ``pieces``, ``owner`` as
+    :func:`split_components` of ``filled``; ``cover`` (K + 1,) float64, the pixels of ``labels`` in each
+    piece over the pixels of its filled instance (cover[0] = 0).
+
+    Why: the network sees the trinary map, which draws the boundary of a hole and no boundary between
+    pieces under one id. Neither occurred in training. A piece is therefore scored as its own instance
+    on the filled map, and its score is multiplied by the share of the instance's outline it covers,
+    as SEG bounds such an instance: two pieces of one id at most |piece| / |instance| each; an instance
+    with holes at most its pixels / its filled pixels when the nucleus has no hole. One piece without
+    holes: cover 1, scored exactly as before.
+    """
+    labels = np.asarray(labels)
+    filled = fill_holes(labels)
+    pieces, _, owner = split_components(filled)
+    own = np.bincount(pieces[labels > 0], minlength=owner.size).astype(np.float64)
+    filled_sizes = np.bincount(filled.ravel()).astype(np.float64)
+    cover = np.zeros(owner.size, np.float64)
+    cover[1:] = own[1:] / np.maximum(filled_sizes[owner[1:]], 1.0)
+    return filled, pieces, cover, owner
 
 
 def _zoom(array: np.ndarray, shape: tuple[int, ...], order: int) -> np.ndarray:
@@ -433,10 +496,12 @@ class QANetResult:
         return np.array([row["seg"] for row in self.patches], dtype=np.float64)
 
     def to_json_dict(self) -> dict[str, Any]:
-        """``{"model", "image_score": {"seg": ..., <other heads>: ...}, "instances_in_pieces", "patches": [{y0,
+        """``{"model", "image_score": {"seg": ..., <other heads>: ...}, "instances_in_pieces",
+        "instances_with_holes", "patches": [{y0,
         x0(, z0), size, seg, <other heads>, n_instances}], "scale", "patch_size", "runtime_s"}``; non-finite
         numbers become null. ``instances_in_pieces`` counts the instances (in each z slice, for a 2D model
-        on a volume) made of two or more evaluated pieces, scored as merges (:func:`split_components`).
+        on a volume) made of two or more evaluated pieces, scored as merges; ``instances_with_holes``
+        those with holes, filled for the network and scored by the share they cover (:func:`scored_pieces`).
         ``image_score["seg"]`` is the image score (:attr:`image_score`); the other keys are the instance
         averages of the other heads (``seg_objects``, which the image score is made of when present,
         and ``nemhd``)."""
@@ -453,6 +518,7 @@ class QANetResult:
         scores.update({k: num(v) for k, v in self.extra.get("image_scores", {}).items() if k != "seg"})
         return {"model": self.model, "image_score": scores,
                 "instances_in_pieces": int(self.extra.get("instances_in_pieces", 0)),
+                "instances_with_holes": int(self.extra.get("instances_with_holes", 0)),
                 "patches": [{k: num(v) for k, v in row.items()} for row in self.patches],
                 "scale": num(self.scale), "patch_size": int(self.patch_size),
                 "runtime_s": round(float(self.runtime_s), 4)}
@@ -511,9 +577,10 @@ class QANetQC:
             size, so that specks of false positives do not count) scores the mean prediction of the
             patches holding it, weighted by its pixels in each; the image score is the mean of these,
             an instance weighing max(1, size / typical size), so that a merged instance counts as
-            the nuclei it covers. An instance in several pieces (:func:`split_components`, on the
-            working grid) is scored piece by piece, each piece's score times its share of the
-            instance, as SEG scores such a merge. With no evaluated instance, the plain mean of
+            the nuclei it covers. On the working grid, holes in instances are filled before the
+            network sees them and an instance in several pieces is scored piece by piece, each
+            piece's score times the share of its filled instance it covers (:func:`scored_pieces`),
+            as SEG bounds such errors. With no evaluated instance, the plain mean of
             the patch predictions. ``n_instances`` in the rows counts the evaluated instance pieces in each patch;
             ``extra["image_scores_patch_weighted"]`` holds the older average of patch predictions
             weighted by ``n_instances`` (shipped 2D model on 394 held-out simulated 2D scenes: r 0.914 /
@@ -555,8 +622,8 @@ class QANetQC:
         patches holding it, weighted by its pixels in each), an instance weighing max(1, size /
         typical size) — a merged instance counts as the nuclei it covers, as SEG counts them. Without
         counted instances, the plain mean of the patch predictions."""
-        inst_scores = np.concatenate([s for s, _, _ in instances]) if instances else np.zeros((0, preds.shape[1]))
-        inst_weights = np.concatenate([w for _, w, _ in instances]) if instances else np.zeros(0)
+        inst_scores = np.concatenate([s for s, *_ in instances]) if instances else np.zeros((0, preds.shape[1]))
+        inst_weights = np.concatenate([w for _, w, *_ in instances]) if instances else np.zeros(0)
         patch_weights = np.array([row["n_instances"] for row in rows], dtype=np.float64)
         scores, patch_weighted = {}, {}
         for k, target in enumerate(self.config.targets):
@@ -573,7 +640,8 @@ class QANetQC:
                            time.perf_counter() - start_time,
                            extra={"image_scores": scores, "weighting": "instances",
                                   "image_scores_patch_weighted": patch_weighted,
-                                  "instances_in_pieces": sum(n for _, _, n in instances)})
+                                  "instances_in_pieces": sum(inst[2] for inst in instances),
+                                  "instances_with_holes": sum(inst[3] for inst in instances)})
 
     def _assess_grid(self, image: np.ndarray, labels: np.ndarray, p: int, overlap: float, scale: float,
                      z_index: int | None, lo_hi: Sequence[float] | None = None):
@@ -586,16 +654,19 @@ class QANetQC:
             normalised = np.clip((image - lo) / max(float(hi - lo), 1e-6), -1.0, 2.0).astype(np.float32)
         work_shape = tuple(max(1, int(round(n * scale))) for n in image.shape)
         work_img = _zoom(normalised, work_shape, order=1)
-        work_lab = _zoom(labels, work_shape, order=0)
-        tri = trinary(work_lab)
-        # instances are scored piece by piece (split_components): the trinary map is the same
-        work_lab, share, owner = split_components(work_lab)
+        original = _zoom(labels, work_shape, order=0)
+        # holes filled, instances scored piece by piece, each piece times its cover (scored_pieces)
+        filled, work_lab, cover, owner = scored_pieces(original)
+        tri = trinary(filled)
         sizes = np.bincount(work_lab.ravel())
         typical = typical_size(work_lab) if sizes[1:].any() else math.inf
         min_count = COUNT_FRACTION * typical
         counted = sizes >= min_count
         counted[0] = False
+        counted_ids = np.unique(owner[counted])
         in_pieces = int(np.count_nonzero(np.bincount(owner[counted]) >= 2)) if counted.any() else 0
+        holed = np.bincount(filled[original == 0], minlength=int(filled.max()) + 1)
+        with_holes = int(np.count_nonzero(holed[counted_ids[counted_ids > 0]]))
         # pad to at least one patch per axis: background-like image, no labels
         pad = [(0, max(0, p - n)) for n in work_shape]
         if any(b for _, b in pad):
@@ -639,8 +710,8 @@ class QANetQC:
         heat_work = (total / np.maximum(count, 1.0))[tuple(slice(0, n) for n in work_shape)].astype(np.float32)
         heat = _zoom(heat_work, image.shape, order=0)
         held = np.flatnonzero(inst_px > 0)
-        instances = (inst_sum[held] / inst_px[held, None] * share[held, None],
-                     np.maximum(1.0, sizes[held] / typical) if held.size else np.zeros(0), in_pieces)
+        instances = (inst_sum[held] / inst_px[held, None] * cover[held, None],
+                     np.maximum(1.0, sizes[held] / typical) if held.size else np.zeros(0), in_pieces, with_holes)
         return rows, heat, preds, instances
 
     # The QC protocol of SegQCLib.qc, for consumers that hold a Volume and a mask.
