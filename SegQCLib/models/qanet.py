@@ -403,17 +403,19 @@ def fill_holes(labels: np.ndarray) -> np.ndarray:
     for axis in range(labels.ndim):
         for index in (0, -1):
             reaches_border[np.take(regions, index, axis=axis).ravel()] = True
-    # (background region, instance id) of every face-neighbouring pixel pair
-    pairs = []
+    # (background region, instance id) of every face-neighbouring pixel pair, as one int64 key
+    n_ids = int(labels.max()) + 1
+    keys = []
     for axis in range(labels.ndim):
         r, lab = np.moveaxis(regions, axis, 0), np.moveaxis(labels, axis, 0)
         for r_side, lab_side in ((r[:-1], lab[1:]), (r[1:], lab[:-1])):
             touch = (r_side > 0) & (lab_side > 0)
-            pairs.append(np.stack([r_side[touch], lab_side[touch].astype(np.int64)], axis=1))
-    pairs = np.unique(np.concatenate(pairs), axis=0)
-    neighbours = np.bincount(pairs[:, 0], minlength=n_regions + 1)
+            keys.append(r_side[touch].astype(np.int64) * n_ids + lab_side[touch].astype(np.int64))
+    keys = np.unique(np.concatenate(keys))
+    region_of, id_of = keys // n_ids, keys % n_ids
+    neighbours = np.bincount(region_of, minlength=n_regions + 1)
     owner = np.zeros(n_regions + 1, np.int64)
-    owner[pairs[:, 0]] = pairs[:, 1]
+    owner[region_of] = id_of
     is_hole = (neighbours == 1) & ~reaches_border
     is_hole[0] = False
     if not is_hole.any():
