@@ -204,7 +204,7 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(case: str, files, tmp_pa
         assert path.read_bytes() == content  # inputs untouched
 
 
-def test_qc_with_the_shipped_qanet_scores_instances_per_patch(tmp_path):
+def test_qc_with_the_shipped_qanet_scores_instances_per_patch(tmp_path, capsys):
     """`segqc qc --model qanet-nuclei-2d IMAGE LABELS`: true labels score higher than merged ones."""
     import tifffile
 
@@ -216,9 +216,13 @@ def test_qc_with_the_shipped_qanet_scores_instances_per_patch(tmp_path):
         pytest.skip("qanet-nuclei-2d is not installed")
     image, labels = simulate_cells((192, 192), 20, seed=11)
     merged = merge_neighbours(labels, np.random.default_rng(0), n_merges=6, max_gap_vox=6.0)
+    holed = labels.copy()  # a 3 x 3 px hole at the centre of five nuclei (a threshold's dim nucleoli)
+    for value in np.unique(labels)[1:6]:
+        cy, cx = np.round(np.argwhere(labels == value).mean(axis=0)).astype(int)
+        holed[cy - 1:cy + 2, cx - 1:cx + 2][labels[cy - 1:cy + 2, cx - 1:cx + 2] == value] = 0
     tifffile.imwrite(tmp_path / "cells.tif", image)
-    scores = {}
-    for name, lab in (("true", labels), ("merged", merged)):
+    scores, with_holes = {}, {}
+    for name, lab in (("true", labels), ("merged", merged), ("holed", holed)):
         tifffile.imwrite(tmp_path / f"{name}.tif", lab)
         out, heat = tmp_path / f"{name}.json", tmp_path / f"{name}-heat.tif"
         assert main(["qc", str(tmp_path / "cells.tif"), str(tmp_path / f"{name}.tif"), "--model", "qanet-nuclei-2d",
@@ -230,4 +234,9 @@ def test_qc_with_the_shipped_qanet_scores_instances_per_patch(tmp_path):
         assert set(data) >= {"model", "image_score", "patches"} and data["patches"]
         assert tifffile.imread(heat).shape == image.shape
         scores[name] = data["image_score"]["seg"]
+        with_holes[name] = data["instances_with_holes"]
     assert scores["true"] > 0.9 and scores["true"] > scores["merged"] + 0.1
+    # holes are filled for the network and cost only the pixels they take
+    assert with_holes == {"true": 0, "merged": 0, "holed": 5}
+    assert scores["true"] - 0.05 < scores["holed"] < scores["true"]
+    assert "5 instance(s) have holes" in capsys.readouterr().out
