@@ -174,6 +174,10 @@ def _qc_instances(model_name: str, image: Path, labels: Path, device: str, json_
     if with_holes:
         console.print(f"{with_holes} instance(s) have holes (counted per z slice when a 2D model scores a volume): "
                       "filled for the network, each scored times the share of its filled outline it covers")
+    cut_at_necks = int(result.extra.get("instances_cut_at_necks", 0))
+    if cut_at_necks:
+        console.print(f"{cut_at_necks} instance(s) join bodies through a narrow neck (3D models): scored as merges, "
+                      "each body times its share of the instance")
     if json_out:
         write_json(result.to_json_dict(), json_out, (image, labels))
     if heatmap_out:

@@ -240,3 +240,37 @@ def test_qc_with_the_shipped_qanet_scores_instances_per_patch(tmp_path, capsys):
     assert with_holes == {"true": 0, "merged": 0, "holed": 5}
     assert scores["true"] - 0.05 < scores["holed"] < scores["true"]
     assert "5 instance(s) have holes" in capsys.readouterr().out
+
+
+def test_qc_with_the_shipped_3d_qanet_cuts_kissing_nuclei_at_the_neck(tmp_path, capsys):
+    """`segqc qc --model qanet-nuclei-3d`: two nuclei that kiss, merged under one id through a narrow
+    neck, are counted in ``instances_cut_at_necks`` and score well below the two separate ids."""
+    import tifffile
+    from scipy import ndimage as ndi
+
+    from SegQCLib.qc import available_models
+
+    if "qanet-nuclei-3d" not in {m.name for m in available_models()}:
+        pytest.skip("qanet-nuclei-3d is not installed")
+    zz, yy, xx = np.indices((28, 40, 60))
+    truth = np.zeros(zz.shape, np.int32)
+    truth[(zz - 14) ** 2 + (yy - 20) ** 2 + (xx - 20) ** 2 <= 81] = 1
+    truth[(zz - 14) ** 2 + (yy - 20) ** 2 + (xx - 39) ** 2 <= 81] = 2
+    image = ndi.gaussian_filter(np.where(truth > 0, 3000.0, 1000.0), 1.0)
+    image = (image + np.random.default_rng(0).normal(0, 60, image.shape)).astype(np.float32)
+    merged = (truth > 0).astype(np.int32)
+    merged[(zz - 14) ** 2 + (yy - 20) ** 2 <= 2] = 1  # the neck: a thin bridge where they kiss
+    merged[:, :, :11] = truth[:, :, :11] > 0
+    merged[:, :, 49:] = truth[:, :, 49:] > 0
+    tifffile.imwrite(tmp_path / "cells.tif", image)
+    scores, cut = {}, {}
+    for name, lab in (("true", truth), ("merged", merged)):
+        tifffile.imwrite(tmp_path / f"{name}.tif", lab)
+        out = tmp_path / f"{name}.json"
+        assert main(["qc", str(tmp_path / "cells.tif"), str(tmp_path / f"{name}.tif"), "--model", "qanet-nuclei-3d",
+                     "--json", str(out)]) == 0
+        data = json.loads(out.read_text())
+        scores[name], cut[name] = data["image_score"]["seg"], data["instances_cut_at_necks"]
+    assert cut == {"true": 0, "merged": 1}
+    assert scores["merged"] < 0.65 * scores["true"]
+    assert "1 instance(s) join bodies through a narrow neck" in capsys.readouterr().out

@@ -355,6 +355,68 @@ def test_one_id_on_nuclei_apart_is_scored_as_a_merge(tiny_model) -> None:
     assert joined.to_json_dict()["instances_in_pieces"] == 1
 
 
+def _kissing_pair(shape: tuple[int, ...], centres: list[tuple[float, ...]], radius: float, neck: float) -> np.ndarray:
+    """One id on two balls (discs in 2D) joined by a straight neck of half-width ``neck`` px."""
+    grid = np.indices(shape).astype(np.float64)
+    inside = np.zeros(shape, bool)
+    for c in centres:
+        inside |= sum((g - ci) ** 2 for g, ci in zip(grid, c)) <= radius ** 2
+    a, b = np.asarray(centres[0], float), np.asarray(centres[1], float)
+    axis = (b - a) / np.linalg.norm(b - a)
+    along = sum((g - ai) * ui for g, ai, ui in zip(grid, a, axis))
+    across2 = sum((g - ai - along * ui) ** 2 for g, ai, ui in zip(grid, a, axis))
+    inside |= (along >= 0) & (along <= np.linalg.norm(b - a)) & (across2 <= neck ** 2)
+    return inside.astype(np.int32)
+
+
+def test_split_necks_cuts_bodies_joined_by_a_neck_and_nothing_convex() -> None:
+    from SegQCLib.models.qanet import split_components, split_necks
+
+    def cut(labels):
+        pieces, _, _ = split_components(labels)
+        parts, parent = split_necks(pieces)
+        return parts, parent
+
+    pair = _kissing_pair((40, 80), [(20, 20), (20, 58)], radius=12, neck=2)       # neck 1/6 of the radius
+    parts, parent = cut(pair)
+    assert parts.max() == 2 and list(parent) == [0, 1, 1]
+    assert np.array_equal(parts > 0, pair > 0)                                       # every pixel kept
+    assert all(abs(parts[20, x] - (1 if x < 39 else 2)) == 0 for x in (10, 30, 48, 68))
+    broad = _kissing_pair((40, 80), [(20, 20), (20, 58)], radius=12, neck=9)        # a waist, not a neck
+    assert cut(broad)[0].max() == 1
+    yy, xx = np.mgrid[:40, :80]
+    ellipse = (((yy - 20) / 8.0) ** 2 + ((xx - 40) / 30.0) ** 2 <= 1).astype(np.int32)  # 4:1, convex
+    assert cut(ellipse)[0].max() == 1
+    bump = ((yy - 20) ** 2 + (xx - 30) ** 2 <= 12 ** 2).astype(np.int32)
+    bump[(yy - 20) ** 2 + (xx - 44) ** 2 <= 4 ** 2] = 1                             # a small knob on a disc
+    assert cut(bump)[0].max() == 1
+    balls = _kissing_pair((24, 24, 56), [(12, 12, 12), (12, 12, 42)], radius=9, neck=1.5)
+    parts3, parent3 = cut(balls)
+    assert parts3.max() == 2 and parts3[12, 12, 12] != parts3[12, 12, 42]
+
+
+def test_bodies_joined_by_a_neck_are_scored_as_a_merge(tiny_model) -> None:
+    """Two nuclei that kiss, segmented as one id through a neck: with ``necks`` the image score falls
+    to each body's share (here about half), the network input being the same; without, it does not."""
+    best, _ = tiny_model
+    model = load_model(best, "cpu")
+    merged = _kissing_pair((64, 128), [(32, 44), (32, 84)], radius=18, neck=2)
+    truth = merged.copy()
+    truth[:, 64:] *= 2
+    rng = np.random.default_rng(5)
+    image = ndi.gaussian_filter(np.where(truth > 0, 3000.0, 1000.0), 1.0) + rng.normal(0, 50, truth.shape)
+    plain = model.assess_instances(image, merged, patch=32, overlap=0.0, scale=0.5)
+    cut = model.assess_instances(image, merged, patch=32, overlap=0.0, scale=0.5, necks=True)
+    assert plain.image_score > 0.05
+    assert np.allclose(plain.heatmap, cut.heatmap)
+    assert cut.image_score == pytest.approx(0.5 * plain.image_score, rel=0.15)
+    assert plain.to_json_dict()["instances_cut_at_necks"] == 0
+    assert cut.to_json_dict()["instances_cut_at_necks"] == 1
+    assert cut.to_json_dict()["instances_in_pieces"] == 0
+    separate = model.assess_instances(image, truth, patch=32, overlap=0.0, scale=0.5, necks=True)
+    assert separate.to_json_dict()["instances_cut_at_necks"] == 0
+
+
 def test_fill_holes_fills_what_one_instance_encloses_and_nothing_else() -> None:
     from SegQCLib.models.qanet import fill_holes
 
@@ -389,7 +451,7 @@ def test_scored_pieces_weigh_holes_and_pieces_by_what_they_cover() -> None:
     labels[4:6, 4:6] = 0
     labels[1:4, 14:17] = 2      # two pieces of 9 px under one id: half each
     labels[8:11, 14:17] = 2
-    filled, pieces, cover, owner = scored_pieces(labels)
+    filled, pieces, cover, owner, _ = scored_pieces(labels)
     assert np.all(filled[4:6, 4:6] == 1)
     weights = {(int(owner[k]), int(np.count_nonzero(pieces == k))): cover[k] for k in range(1, pieces.max() + 1)}
     assert weights == pytest.approx({(1, 100): 0.96, (2, 9): 0.5})

@@ -48,6 +48,11 @@ def _summary(true: np.ndarray, pred: np.ndarray) -> dict:
             "mean_rel_err": float(np.mean(np.abs(pred[ok] - true[ok]) / true[ok]))}
 
 
+#: max_overlap range of the ``-kissing`` scenes: a third of them keep clumped neighbours apart by up to
+#: 10 % of their radii, so that they kiss at a point and merges join them through a narrow neck.
+KISSING = (-0.1, 0.2)
+
+
 def punch_holes(labels: np.ndarray, rng: np.random.Generator, radius: float) -> np.ndarray:
     """A copy of 2D ``labels`` with 1-3 disc holes (radius U(0.1, 0.3) * ``radius`` px) in a random
     10-60 % of the instances, each hole kept 2 px inside its instance's outline."""
@@ -66,44 +71,69 @@ def punch_holes(labels: np.ndarray, rng: np.random.Generator, radius: float) -> 
     return out
 
 
+#: Scene kinds: (simulated dims, scored as a stack, holes punched, max_overlap range or None).
+KINDS = {
+    "2d": (2, False, False, None),
+    "stack": (3, True, False, None),
+    "2d-holes": (2, False, True, None),
+    "2d-kissing": (2, False, False, KISSING),
+    "3d": (3, False, False, None),
+    "3d-kissing": (3, False, False, KISSING),
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=ROOT / "Resources" / "Models" / "qanet-nuclei-2d.json")
+    parser.add_argument("--model3d", type=Path, default=ROOT / "Resources" / "Models" / "qanet-nuclei-3d.json")
     parser.add_argument("--images", type=int, default=80, help="2D scenes")
     parser.add_argument("--stacks", type=int, default=20, help="z stacks scored slice by slice")
     parser.add_argument("--holed", type=int, default=80, help="2D scenes with holes in the segmentation")
+    parser.add_argument("--kissing", type=int, default=0, help="2D scenes whose neighbours kiss across a gap")
+    parser.add_argument("--volumes", type=int, default=0, help="3D scenes for the 3D model (and as many kissing ones)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     model = load_model(args.model, "cpu")
-    out = {"model": str(args.model)}
-    head = IMAGE_TARGET if IMAGE_TARGET in model.config.targets else "seg"
-    kinds = (("2d", args.images), ("stack", args.stacks), ("2d-holes", args.holed))
-    for kind, n in kinds:
+    model3d = load_model(args.model3d, "cpu") if args.volumes > 0 else None
+    out = {"model": str(args.model), "model3d": str(args.model3d)}
+    counts = {"2d": args.images, "stack": args.stacks, "2d-holes": args.holed, "2d-kissing": args.kissing,
+              "3d": args.volumes, "3d-kissing": args.volumes}
+    offsets = {"2d": 0, "stack": 0, "2d-holes": 50_000, "2d-kissing": 60_000, "3d": 70_000, "3d-kissing": 80_000}
+    for kind, (dims, stack, holes, overlap) in KINDS.items():
+        n = counts[kind]
         if n <= 0:
             continue
-        true, by_instance, by_patch, by_seg_head = [], [], [], []
+        scorer = model3d if dims == 3 and not stack else model
+        head = IMAGE_TARGET if IMAGE_TARGET in scorer.config.targets else "seg"
+        shape, radius_range = ((192, 192), (5.0, 15.0)) if scorer.config.dims == 2 else ((32, 72, 72), (4.5, 8.5))
+        true, by_instance, by_patch, by_seg_head, with_necks, cut = [], [], [], [], [], 0
         for i in track(range(n), description=f"{kind} scenes"):
-            rng = np.random.default_rng(SPLIT_SEEDS["test"] * 1_000_003 + i + (50_000 if kind == "2d-holes" else 0))
-            params, image, gt = simulate_scene(rng, 3 if kind == "stack" else 2, (192, 192), (5.0, 15.0),
-                                               stack=kind == "stack")
+            rng = np.random.default_rng(SPLIT_SEEDS["test"] * 1_000_003 + i + offsets[kind])
+            params, image, gt = simulate_scene(rng, dims, shape, radius_range, stack=stack, overlap_range=overlap)
             if not gt.any():
                 continue
             pred, _ = perturb_instances(gt, rng, image, params.radius)
-            if kind == "2d-holes":
+            if holes:
                 pred = punch_holes(pred, rng, params.radius)
             if not pred.any():
                 continue
-            true.append(_slice_seg(pred, gt)[0] if kind == "stack" else seg_measure(pred, gt))
-            result = model.assess_instances(image, pred)
+            true.append(_slice_seg(pred, gt)[0] if stack else seg_measure(pred, gt))
+            result = scorer.assess_instances(image, pred)
             by_instance.append(result.image_score)
             by_patch.append(result.extra["image_scores_patch_weighted"][head])
             by_seg_head.append(result.extra["image_scores"]["seg"])
+            necked = scorer.assess_instances(image, pred, necks=True)
+            with_necks.append(necked.image_score)
+            cut += necked.extra["instances_cut_at_necks"]
         t = np.array(true)
-        out[kind] = {"instances": _summary(t, np.array(by_instance)), "patches": _summary(t, np.array(by_patch))}
-        if IMAGE_TARGET in model.config.targets:
+        out[kind] = {"instances": _summary(t, np.array(by_instance)),
+                     "instances, cut at necks": _summary(t, np.array(with_necks)) | {"instances_cut": cut},
+                     "patches": _summary(t, np.array(by_patch))}
+        if IMAGE_TARGET in scorer.config.targets:
             out[kind]["instances (seg head)"] = _summary(t, np.array(by_seg_head))
-    print(f"model {args.model}\n\n| scenes | aggregation | n | r | MAE | mean rel. error |\n|---|---|---|---|---|---|")
-    for kind, n in kinds:
+    print(f"model {args.model}, 3D model {args.model3d}\n\n"
+          "| scenes | aggregation | n | r | MAE | mean rel. error |\n|---|---|---|---|---|---|")
+    for kind in KINDS:
         for agg, s in out.get(kind, {}).items():
             print(f"| {kind} | {agg} | {s['n']} | {s['r']:.3f} | {s['mae']:.3f} | {100 * s['mean_rel_err']:.1f} % |")
     if args.json:

@@ -106,7 +106,7 @@ def instance_scores(result, labels: np.ndarray, head: str) -> dict[int, float]:
         box = (slice(row["y0"], row["y0"] + row["size"]), slice(row["x0"], row["x0"] + row["size"]))
         total[box] += row[head]
         count[box] += 1.0
-    _, pieces, cover, _ = scored_pieces(labels)
+    _, pieces, cover, *_ = scored_pieces(labels)
     per_pixel = total / np.maximum(count, 1.0) * cover[pieces]
     return {int(v): float(per_pixel[labels == v].mean()) for v in np.unique(labels)[1:]}
 

@@ -46,7 +46,7 @@ image with training.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Iterable
 
@@ -318,14 +318,19 @@ def _stack_depth(params, rng: np.random.Generator) -> int:
 
 
 def simulate_scene(rng: np.random.Generator, dims: int, shape: tuple[int, ...], radius_range: tuple[float, float],
-                   fill_range: tuple[float, float] = FILL_RANGE, stack: bool = False):
+                   fill_range: tuple[float, float] = FILL_RANGE, stack: bool = False,
+                   overlap_range: tuple[float, float] | None = None):
     """One simulated training scene: ``(params, image float32, gt int32 labels)``.
 
     dims: 2 or 3 (the simulation's); shape: image shape, in-plane only when ``stack`` (a 3D stack
     whose depth is :func:`_stack_depth`); parameters from :func:`random_parameters`, nuclei
-    covering a share of the image drawn log-uniformly from ``fill_range``.
+    covering a share of the image drawn log-uniformly from ``fill_range``. overlap_range: when
+    given, ``max_overlap`` is redrawn uniformly from it (negative values: neighbours kiss across a
+    gap, as in cells3d); None keeps :func:`random_parameters`' draw and random stream.
     """
     params = random_parameters(rng, radius_range, ndim=dims)
+    if overlap_range is not None:
+        params = replace(params, max_overlap=float(rng.uniform(*overlap_range)))
     sim_shape = (_stack_depth(params, rng),) + tuple(shape) if stack else tuple(shape)
     # share of the image covered by nuclei, log-uniform from sparse (a few nuclei, wide empty
     # background, as in a scratch assay) to crowded: with 0.08-0.5 only, exact labels of sparse
