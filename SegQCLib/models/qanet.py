@@ -646,9 +646,9 @@ class QANetQC:
             necks: cut instances at necks into the bodies they join and score each body by its share
                 (:func:`split_necks`, :func:`scored_pieces`); None = the model's default: on for a 3D
                 model, off for a 2D one. Measured on held-out simulated scenes
-                (``benchmarks/qanet_image_level.py``, r / MAE of the image score, off -> on): 3D volumes
-                0.853 / 0.107 -> 0.874 / 0.096, 3D volumes whose neighbours kiss 0.847 / 0.105 -> 0.925 /
-                0.084; 2D scenes 0.929 / 0.059 -> 0.925 / 0.061, z stacks 0.963 / 0.059 -> 0.962 / 0.057.
+                (``benchmarks/qanet_image_level.py``, r / MAE of the image score, off -> on): 298 3D volumes
+                0.871 / 0.110 -> 0.910 / 0.093, 298 3D volumes whose neighbours kiss 0.856 / 0.107 -> 0.920 /
+                0.085; 394 2D scenes 0.929 / 0.059 -> 0.925 / 0.061, 59 z stacks 0.963 / 0.059 -> 0.962 / 0.057.
 
         Returns:
             :class:`QANetResult`. ``image_score`` averages over **instances**, as SEG averages over
