@@ -390,6 +390,10 @@ def test_split_necks_cuts_bodies_joined_by_a_neck_and_nothing_convex() -> None:
     bump = ((yy - 20) ** 2 + (xx - 30) ** 2 <= 12 ** 2).astype(np.int32)
     bump[(yy - 20) ** 2 + (xx - 44) ** 2 <= 4 ** 2] = 1                             # a small knob on a disc
     assert cut(bump)[0].max() == 1
+    chain = ((yy - 10) ** 2 + (xx - 10) ** 2 <= 64) | ((yy - 30) ** 2 + (xx - 30) ** 2 <= 64)
+    chain[np.arange(15, 26), np.arange(15, 26)] = True                              # a one-pixel diagonal neck
+    parts, _ = cut(chain.astype(np.int32))
+    assert parts.max() == 2 and np.array_equal(parts > 0, chain)                     # the diagonal pixels too
     balls = _kissing_pair((24, 24, 56), [(12, 12, 12), (12, 12, 42)], radius=9, neck=1.5)
     parts3, parent3 = cut(balls)
     assert parts3.max() == 2 and parts3[12, 12, 12] != parts3[12, 12, 42]

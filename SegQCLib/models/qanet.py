@@ -472,7 +472,9 @@ def split_necks(pieces: np.ndarray, neck_ratio: float = NECK_RATIO,
             view[inside] = len(parent)
             parent.append(piece)
             continue
-        cut = watershed(-dist, markers=np.where(np.isin(cores, bodies), cores, 0), mask=inside)
+        # full connectivity, as the pieces are connected (split_components): every pixel is reached
+        cut = watershed(-dist, markers=np.where(np.isin(cores, bodies), cores, 0), mask=inside,
+                        connectivity=inside.ndim)
         for body in bodies:
             view[cut == body] = len(parent)
             parent.append(piece)
