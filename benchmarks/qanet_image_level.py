@@ -128,7 +128,7 @@ def main() -> None:
             necks_off.append(off.image_score)
             necks_on.append(on.image_score)
             cut += on.extra["instances_cut_at_necks"]
-            result = on if scorer.config.dims == 3 else off  # the default of assess_instances
+            result = on if scorer.necks_by_default else off
             by_patch.append(result.extra["image_scores_patch_weighted"][head])
             by_seg_head.append(result.extra["image_scores"]["seg"])
         t = np.array(true)
