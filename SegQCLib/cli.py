@@ -166,6 +166,11 @@ def _qc_instances(model_name: str, image: Path, labels: Path, device: str, json_
     source = "whole-object SEG" if whole else "patch SEG"
     console.print(f"image SEG (predicted): {_fmt(float(result.image_score))}, the instance average of the {source} "
                   f"of {len(result.patches)} patches; runtime {result.runtime_s:.2f} s")
+    scores = result.extra.get("image_scores", {})
+    if "mhd95" in scores or "asd" in scores:
+        console.print("boundary distances (predicted, instance averages, px of the image): "
+                      + ", ".join(f"{label} {scores[key]:.2f}" for key, label in (("mhd95", "MHD95"), ("asd", "ASD"))
+                                  if key in scores))
     in_pieces = int(result.extra.get("instances_in_pieces", 0))
     if in_pieces:
         console.print(f"{in_pieces} instance(s) lie in several pieces under one id (counted per z slice when a 2D "
@@ -495,14 +500,18 @@ def train_qanet_cmd(
     epochs: Optional[int] = typer.Option(None, "--epochs"),
     max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="Stop (and keep the best) after this long."),
     device: str = typer.Option("auto", "--device"),
+    extend: Optional[Path] = typer.Option(None, "--extend", help="Card of a trained QANet: add the boundary-distance "
+                                          "heads (MHD95, ASD in px) on its frozen network; its other outputs stay the same."),
 ) -> None:
     """Train QANet on simulated nuclei (our simulator) and evaluate on held-out simulated images; resumable."""
+    from .models.qanet import DISTANCE_TARGETS
     from .train.qanet_cli import train_qanet
 
     if dims not in (2, 3):
         raise InputError("--dims", f"must be 2 or 3, got {dims}")
+    extra = {"extend": extend, "targets": ("seg",) + DISTANCE_TARGETS} if extend else {}
     card, _ = train_qanet(out, dims=dims, name=name, fusion=fusion, encoding=encoding, epochs=epochs,
-                          max_minutes=max_minutes, device=device, log=console.print)
+                          max_minutes=max_minutes, device=device, log=console.print, **extra)
     console.print(f"model card: {card}")
 
 

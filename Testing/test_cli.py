@@ -221,7 +221,7 @@ def test_qc_with_the_shipped_qanet_scores_instances_per_patch(tmp_path, capsys):
         cy, cx = np.round(np.argwhere(labels == value).mean(axis=0)).astype(int)
         holed[cy - 1:cy + 2, cx - 1:cx + 2][labels[cy - 1:cy + 2, cx - 1:cx + 2] == value] = 0
     tifffile.imwrite(tmp_path / "cells.tif", image)
-    scores, with_holes = {}, {}
+    scores, with_holes, distances = {}, {}, {}
     for name, lab in (("true", labels), ("merged", merged), ("holed", holed)):
         tifffile.imwrite(tmp_path / f"{name}.tif", lab)
         out, heat = tmp_path / f"{name}.json", tmp_path / f"{name}-heat.tif"
@@ -235,11 +235,17 @@ def test_qc_with_the_shipped_qanet_scores_instances_per_patch(tmp_path, capsys):
         assert tifffile.imread(heat).shape == image.shape
         scores[name] = data["image_score"]["seg"]
         with_holes[name] = data["instances_with_holes"]
+        distances[name] = data["image_score"]["mhd95"], data["image_score"]["asd"]
+        assert all(row["mhd95"] >= 0 and row["asd"] >= 0 for row in data["patches"])
     assert scores["true"] > 0.9 and scores["true"] > scores["merged"] + 0.1
+    # the boundary-distance heads (px): exact outlines are close, merged ones far from their nuclei
+    assert distances["true"][0] < 1.5 and distances["true"][1] < 1.0
+    assert distances["merged"][0] > distances["true"][0] + 0.5 and distances["merged"][1] > distances["true"][1]
+    printed = capsys.readouterr().out
+    assert "boundary distances (predicted" in printed and "5 instance(s) have holes" in printed
     # holes are filled for the network and cost only the pixels they take
     assert with_holes == {"true": 0, "merged": 0, "holed": 5}
     assert scores["true"] - 0.05 < scores["holed"] < scores["true"]
-    assert "5 instance(s) have holes" in capsys.readouterr().out
 
 
 def test_qc_with_the_shipped_3d_qanet_cuts_kissing_nuclei_at_the_neck(tmp_path, capsys):

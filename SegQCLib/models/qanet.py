@@ -44,10 +44,18 @@ from ..qc import DEFAULT_FLAG_THRESHOLD, QCResult
 ARCHITECTURE = "qanet"
 FUSIONS = ("ribcage", "naive", "siamese")
 ENCODINGS = ("trinary", "binary")
-#: Quality targets a head can predict, all in [0, 1]: SEG of the patch (the paper's patch score), the
+#: Quality targets a head can predict: in [0, 1], SEG of the patch (the paper's patch score), the
 #: negative-exponential MHD (tau 10 px) and ``seg_objects``, the mean whole-image SEG score of the
-#: patch's nuclei (:mod:`SegQCLib.train.qanet_data`), which does not forgive merges cut by the patch edge.
-TARGETS = ("seg", "nemhd", "seg_objects")
+#: patch's nuclei (:mod:`SegQCLib.train.qanet_data`), which does not forgive merges cut by the patch edge;
+#: and the boundary distances of :data:`DISTANCE_TARGETS` (QANet Table 1: MHD95, ASD).
+TARGETS = ("seg", "nemhd", "seg_objects", "mhd95", "asd")
+#: Unbounded targets, distances in px: MHD95 and ASD averaged over the patch's matched instances
+#: (:func:`SegQCLib.metrics.instance_metrics`). A second head with a softplus output predicts them, on
+#: the working grid; :meth:`QANetQC.assess_instances` reports them in px of the input image.
+DISTANCE_TARGETS = ("mhd95", "asd")
+#: What a new model learns (``segqc train qanet``); distance heads are trained afterwards on top of a
+#: trained model, its network frozen (``segqc train qanet --extend CARD``).
+DEFAULT_TARGETS = ("seg", "nemhd", "seg_objects")
 #: The head whose instance average is the image score when a model predicts it (else ``seg``).
 IMAGE_TARGET = "seg_objects"
 
@@ -114,7 +122,8 @@ class QANetConfig:
     dims: 2 or 3. fusion: ribcage | naive | siamese. encoding: trinary | binary.
     channels: rib widths per block before ``width`` scaling; fc: hidden FC widths.
     rib_convs: conv units per rib block. patch: patch side in working-grid px.
-    targets: predicted quality measures (subset of :data:`TARGETS`, ``"seg"`` first).
+    targets: predicted quality measures (subset of :data:`TARGETS`, ``"seg"`` first, any
+    :data:`DISTANCE_TARGETS` after all the others).
     diameter_range: equivalent diameters (px; 2D area-, 3D volume-equivalent) of the training nuclei
     on the working grid: images whose median instance diameter lies outside are rescaled into it.
     """
@@ -138,14 +147,21 @@ class QANetConfig:
         if self.encoding not in ENCODINGS:
             raise InputError(None, f"unknown encoding {self.encoding!r} (choose {', '.join(ENCODINGS)})")
         bad = [t for t in self.targets if t not in TARGETS]
-        if bad or not self.targets or self.targets[0] != "seg":
-            raise InputError(None, f"targets must start with 'seg' and be among {TARGETS}, got {self.targets}")
+        distance = [t in DISTANCE_TARGETS for t in self.targets]
+        if bad or not self.targets or self.targets[0] != "seg" or distance != sorted(distance):
+            raise InputError(None, f"targets must start with 'seg', be among {TARGETS} and end with the distances "
+                                   f"{DISTANCE_TARGETS} they hold, got {self.targets}")
         self.channels, self.fc = tuple(self.channels), tuple(self.fc)
         self.targets, self.diameter_range = tuple(self.targets), tuple(self.diameter_range)
 
     @property
     def seg_channels(self) -> int:
         return 2 if self.encoding == "trinary" else 1
+
+    @property
+    def n_bounded(self) -> int:
+        """Number of [0, 1] targets (the first ones); the rest are :data:`DISTANCE_TARGETS`."""
+        return sum(t not in DISTANCE_TARGETS for t in self.targets)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -202,7 +218,8 @@ class _SpineBlock(nn.Module):
 
 
 class RibCageNet(nn.Module):
-    """QANet network: (n, 1, *P) image + (n, C_seg, *P) segmentation -> (n, k) qualities in [0, 1].
+    """QANet network: (n, 1, *P) image + (n, C_seg, *P) segmentation -> (n, k) qualities: the
+    [0, 1] targets from ``head`` (sigmoid), then any distances (px, >= 0) from ``distance_head`` (softplus).
 
     ``fusion`` selects RibCage (spine fusing both ribs at every block), naive (one stream on the
     concatenated inputs) or siamese (two independent ribs fused before the FC layers). ``stream_mult``
@@ -237,7 +254,9 @@ class RibCageNet(nn.Module):
                 # the last spine block fuses the last ribs' inputs; one more fusion sees their outputs
                 self.spine_out = _SpineBlock(dims, c_spine, widths[-1], widths[-1], max(2, widths[-1] // 2))
                 features += self.spine_out.out_channels
-        self.head = _head(features, config.fc, len(config.targets))
+        self.head = _head(features, config.fc, config.n_bounded)
+        n_distances = len(config.targets) - config.n_bounded
+        self.distance_head = _head(features, config.fc, n_distances) if n_distances else None
 
     @staticmethod
     def _gap(x: torch.Tensor) -> torch.Tensor:
@@ -268,7 +287,11 @@ class RibCageNet(nn.Module):
         return torch.cat(parts, dim=1)
 
     def forward(self, image: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.head(self.features(image, seg)))
+        features = self.features(image, seg)
+        out = torch.sigmoid(self.head(features))
+        if self.distance_head is not None:
+            out = torch.cat([out, nn.functional.softplus(self.distance_head(features))], dim=1)
+        return out
 
 
 def count_parameters(net: nn.Module) -> int:
@@ -578,7 +601,8 @@ class QANetResult:
         ``instances_cut_at_necks`` those cut into bodies at necks, each body scored by its share.
         ``image_score["seg"]`` is the image score (:attr:`image_score`); the other keys are the instance
         averages of the other heads (``seg_objects``, which the image score is made of when present,
-        and ``nemhd``)."""
+        ``nemhd``, and for a model with a distance head ``mhd95`` and ``asd`` in px of the input image,
+        not scaled by the pieces' cover). Patch rows hold the same keys, per patch."""
         def num(v: Any) -> Any:
             if isinstance(v, (bool, np.bool_)):
                 return bool(v)
@@ -778,6 +802,8 @@ class QANetQC:
         img_patches = np.stack([work_img[b] for b in boxes])
         tri_patches = np.stack([tri[b] for b in boxes])
         preds = self.predict_patches(img_patches, tri_patches)
+        nb = self.config.n_bounded
+        preds[:, nb:] /= scale  # distances: working-grid px -> px of the input image
         # per instance: mean prediction of the patches holding it, weighted by its pixels in each
         inst_sum = np.zeros((sizes.size, preds.shape[1]), np.float64)
         inst_px = np.zeros(sizes.size, np.float64)
@@ -807,7 +833,10 @@ class QANetQC:
         heat_work = (total / np.maximum(count, 1.0))[tuple(slice(0, n) for n in work_shape)].astype(np.float32)
         heat = _zoom(heat_work, image.shape, order=0)
         held = np.flatnonzero(inst_px > 0)
-        instances = (inst_sum[held] / inst_px[held, None] * cover[held, None],
+        # a piece's qualities times its cover (SEG's bound, scored_pieces); distances are not scaled
+        factor = np.ones((held.size, preds.shape[1]))
+        factor[:, :nb] = cover[held, None]
+        instances = (inst_sum[held] / inst_px[held, None] * factor,
                      np.maximum(1.0, sizes[held] / typical) if held.size else np.zeros(0), in_pieces, with_holes,
                      cut_at_necks)
         return rows, heat, preds, instances

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
-from ..models.qanet import TARGETS, QANetConfig, QANetQC, QANetResult, load_model
+from ..models.qanet import DEFAULT_TARGETS, DISTANCE_TARGETS, QANetConfig, QANetQC, QANetResult, load_model
 from .qanet_data import SAMPLES_VERSION, SPLIT_SEEDS, QANetSamples, balance, generate_samples, seg_histogram
 
 #: Default sizes per dimensionality: simulated images per split, balanced training patches, epochs,
@@ -37,7 +37,7 @@ STACK_SEED_OFFSET = 100
 
 
 def sample_set(data_dir: Path, dims: int, split: str, n_images: int, patch: int,
-               targets: tuple[str, ...] = TARGETS, stack_slices: bool = False, progress: bool = True,
+               targets: tuple[str, ...] = DEFAULT_TARGETS, stack_slices: bool = False, progress: bool = True,
                log=print) -> QANetSamples:
     """The (unbalanced) patches of ``split`` (train / val / test), built once and cached in ``data_dir``;
     ``stack_slices``: 2D patches of z slices of ``n_images`` simulated 3D stacks instead."""
@@ -62,11 +62,11 @@ def sample_set(data_dir: Path, dims: int, split: str, n_images: int, patch: int,
 def train_qanet(out: Path, dims: int = 2, name: str | None = None, fusion: str = "ribcage",
                 encoding: str = "trinary", width: float | None = None, patch: int | None = None,
                 epochs: int | None = None, batch_size: int | None = None, lr: float = 2e-3,
-                targets: tuple[str, ...] = TARGETS, train_images: int | None = None,
+                targets: tuple[str, ...] = DEFAULT_TARGETS, train_images: int | None = None,
                 val_images: int | None = None, test_images: int | None = None, train_patches: int | None = None,
                 stack_images: tuple[int, int, int] | None = None, data_dir: Path | None = None, threads: int = 1,
-                device: str = "auto",
-                max_minutes: float | None = None, seed: int = 0, progress: bool = True, log=print) -> tuple[Path, dict]:
+                device: str = "auto", max_minutes: float | None = None, seed: int = 0,
+                extend: Path | None = None, progress: bool = True, log=print) -> tuple[Path, dict]:
     """Train a QANet on simulated nuclei and write ``out/<name>.{json,safetensors}``.
 
     Args:
@@ -78,6 +78,12 @@ def train_qanet(out: Path, dims: int = 2, name: str | None = None, fusion: str =
         stack_images: (train, val, test) simulated 3D stacks whose z-slice patches join the 2D
             splits (default ``DEFAULTS[2]["stack_*"]``; (0, 0, 0) for plain 2D images only).
         data_dir: sample cache (default ``out/../qanet-data``, shared by runs).
+        extend: the card of a trained model to extend with the distance heads in ``targets``
+            (:data:`~SegQCLib.models.qanet.DISTANCE_TARGETS`): its network is loaded and frozen and
+            only the new head trains (on sample sets holding ``seg`` and the distances), so its other
+            predictions stay the same. Its dims, patch, architecture and name are kept (``name``
+            overrides); fusion, encoding and width are ignored. The card's metrics are kept and the
+            distances' held-out metrics added.
         threads: torch CPU threads; device: auto | cpu | cuda; max_minutes: stop after the epoch
             that passes this wall-clock budget.
 
@@ -87,25 +93,39 @@ def train_qanet(out: Path, dims: int = 2, name: str | None = None, fusion: str =
     from .qanet_train import QANetTrainOptions, train
     from ..models.qanet import save_model
 
+    base = load_model(extend, "cpu") if extend else None
+    if base is not None:
+        dims = base.config.dims
+        new = tuple(t for t in targets if t not in base.config.targets)
+        if not new or any(t not in DISTANCE_TARGETS for t in new) or base.net.distance_head is not None:
+            raise InputError("--extend", f"a trained model can only gain distance heads {DISTANCE_TARGETS} it does not "
+                                         f"have; {base.name} predicts {base.config.targets}, asked for {tuple(targets)}")
     if dims not in DEFAULTS:
         raise InputError("--dims", f"must be 2 or 3, got {dims}")
     d = DEFAULTS[dims]
     out = Path(out)
     data_dir = Path(data_dir) if data_dir else out.parent / "qanet-data"
-    name = name or f"qanet-nuclei-{dims}d"
-    patch = int(patch or d["patch"])
-    config = QANetConfig(dims=dims, fusion=fusion, encoding=encoding, width=float(width or d["width"]),
-                         rib_convs=d["rib_convs"], patch=patch, targets=tuple(targets),
-                         diameter_range=d["diameter_range"])
+    if base is not None:
+        config = QANetConfig.from_dict({**base.config.to_dict(), "targets": base.config.targets + new})
+        name, patch, sample_targets = name or base.name, config.patch, ("seg",) + new
+        fusion, encoding = config.fusion, config.encoding
+    else:
+        name = name or f"qanet-nuclei-{dims}d"
+        patch = int(patch or d["patch"])
+        config = QANetConfig(dims=dims, fusion=fusion, encoding=encoding, width=float(width or d["width"]),
+                             rib_convs=d["rib_convs"], patch=patch, targets=tuple(targets),
+                             diameter_range=d["diameter_range"])
+        sample_targets = config.targets
     n_img = {"train": train_images or d["train"], "val": val_images or d["val"], "test": test_images or d["test"]}
     n_stack = dict(zip(("train", "val", "test"), stack_images if stack_images is not None else
                        (d.get("stack_train", 0), d.get("stack_val", 0), d.get("stack_test", 0))))
 
     def split_set(split: str) -> QANetSamples:
-        planar = sample_set(data_dir, dims, split, n_img[split], patch, progress=progress, log=log)
+        planar = sample_set(data_dir, dims, split, n_img[split], patch, sample_targets, progress=progress, log=log)
         if dims != 2 or not n_stack[split]:
             return planar
-        stacks = sample_set(data_dir, dims, split, n_stack[split], patch, stack_slices=True, progress=progress, log=log)
+        stacks = sample_set(data_dir, dims, split, n_stack[split], patch, sample_targets, stack_slices=True,
+                            progress=progress, log=log)
         return QANetSamples.concat([planar, stacks])
 
     pool = split_set("train")
@@ -114,17 +134,22 @@ def train_qanet(out: Path, dims: int = 2, name: str | None = None, fusion: str =
     log(f"training patches (balanced): {len(train_set)}, SEG histogram {seg_histogram(train_set.seg)}")
     options = QANetTrainOptions(epochs=int(epochs or d["epochs"]), batch_size=int(batch_size or d["batch_size"]),
                                 lr=lr, seed=seed, threads=threads, device=device, max_minutes=max_minutes)
-    best = train(out, train_set, val_set, config, options, progress=progress, log=log)
+    best = train(out, train_set, val_set, config, options, progress=progress, log=log,
+                 base=base.net.state_dict() if base is not None else None)
     model = load_model(best, device)
     from .qanet_train import evaluate_model
 
-    test_set = sample_set(data_dir, dims, "test", n_img["test"], patch, progress=progress, log=log)
+    test_set = sample_set(data_dir, dims, "test", n_img["test"], patch, sample_targets, progress=progress, log=log)
     report = evaluate_model(model, test_set)
     metrics = {"test_simulated": report}
     if dims == 2 and n_stack["test"]:
-        stack_test = sample_set(data_dir, dims, "test", n_stack["test"], patch, stack_slices=True,
+        stack_test = sample_set(data_dir, dims, "test", n_stack["test"], patch, sample_targets, stack_slices=True,
                                 progress=progress, log=log)
         metrics["test_simulated_stack_slices"] = evaluate_model(model, stack_test)
+    if base is not None:
+        sizes = {"images": n_img, "stack_images": n_stack if dims == 2 else {}, "seeds": dict(SPLIT_SEEDS),
+                 "samples_version": SAMPLES_VERSION, "train_patches": len(train_set), "test_patches": len(test_set)}
+        return _extended_card(base, model, out / name, metrics, options, new, sizes, log), report
     card = json.loads(best.read_text())
     card.update({
         "name": name,
@@ -148,11 +173,34 @@ def train_qanet(out: Path, dims: int = 2, name: str | None = None, fusion: str =
     return card_path, report
 
 
+def _extended_card(base: QANetQC, model: QANetQC, stem: Path, metrics: dict[str, Any], options: Any,
+                   new: tuple[str, ...], data: dict[str, Any], log=print) -> Path:
+    """Write the extended model: the base card with the new targets' held-out metrics merged in."""
+    from ..models.qanet import save_model
+
+    card = json.loads(json.dumps(base.card))
+    for split, report in metrics.items():
+        merged = card.setdefault("metrics", {}).setdefault(split, {})
+        merged.update({t: report[t] for t in new if t in report})
+    card["distance_heads"] = {
+        "targets": list(new), "units": "px of the input image (the network predicts on the working grid)",
+        "training": "network of the base model frozen (weights and batch-norm statistics); only the distance "
+                    "head trained, Huber loss (delta 1 px)",
+        "trained_epochs": model.card.get("trained_epochs"),
+        "val": {t: v for t, v in model.card.get("val", {}).items() if t in new},
+        "data": data, "options": {k: v for k, v in options.__dict__.items()}}
+    card_path = save_model(model.net.cpu(), model.config, stem, card)
+    log(format_report({split: {t: r[t] for t in new if t in r} for split, r in metrics.items()}))
+    return card_path
+
+
 def evaluate_qanet(card: str | Path, data_dir: Path | None = None, device: str = "auto", progress: bool = True,
                    log=print) -> dict[str, Any]:
     """Agreement (Pearson r, SROCC, MAE, RMSE, bias, hit-rate AUC per target, SEG by perturbation kind) of
     a QANet card on its held-out simulated test split, rebuilt from the seeds in the card when not
-    cached in ``data_dir`` (default ``runs/qanet-data``). Returns ``{"test_simulated": report}``."""
+    cached in ``data_dir`` (default ``runs/qanet-data``). Returns ``{"test_simulated": report}`` (and
+    ``"test_simulated_stack_slices"`` for a 2D model trained with stacks). A model with distance heads is
+    scored on them on the patches of the same scenes that hold matched instances (their own sample set)."""
     from .qanet_train import evaluate_model
 
     card = Path(card)
@@ -160,14 +208,26 @@ def evaluate_qanet(card: str | Path, data_dir: Path | None = None, device: str =
     info = model.card.get("data", {})
     dims = model.config.dims
     n_images = int(info.get("images", {}).get("test", DEFAULTS[dims]["test"]))
-    data_dir = Path(data_dir) if data_dir else Path("runs") / "qanet-data"
-    test_set = sample_set(data_dir, dims, "test", n_images, model.config.patch, progress=progress, log=log)
-    results = {"test_simulated": evaluate_model(model, test_set)}
     n_stacks = int(info.get("stack_images", {}).get("test", 0))
-    if n_stacks:
-        stack_test = sample_set(data_dir, dims, "test", n_stacks, model.config.patch, stack_slices=True,
-                                progress=progress, log=log)
-        results["test_simulated_stack_slices"] = evaluate_model(model, stack_test)
+    data_dir = Path(data_dir) if data_dir else Path("runs") / "qanet-data"
+    distances = tuple(t for t in model.config.targets if t in DISTANCE_TARGETS)
+    distance_data = model.card.get("distance_heads", {}).get("data", {})
+    sizes = {DEFAULT_TARGETS: (n_images, n_stacks),
+             ("seg",) + distances: (int(distance_data.get("images", {}).get("test", n_images)),
+                                    int(distance_data.get("stack_images", {}).get("test", n_stacks)))}
+    results: dict[str, Any] = {}
+    for targets in (DEFAULT_TARGETS, ("seg",) + distances) if distances else (DEFAULT_TARGETS,):
+        n_planar, n_stacked = sizes[targets]
+        for split, n, stacks in (("test_simulated", n_planar, False), ("test_simulated_stack_slices", n_stacked, True)):
+            if not n:
+                continue
+            samples = sample_set(data_dir, dims, "test", n, model.config.patch, targets, stack_slices=stacks,
+                                 progress=progress, log=log)
+            report = evaluate_model(model, samples)
+            if split not in results:
+                results[split] = report
+            else:  # the distances from their own sample set
+                results[split].update({t: report[t] for t in distances})
     return results
 
 
@@ -182,7 +242,8 @@ def format_report(results: dict[str, Any]) -> str:
                          f"{r['rmse']:>8.3f}{r['bias']:>+8.3f}{r['auc']:>8.3f}")
         kinds = ", ".join(f"{k}: true {v['mean_true']:.2f} / pred {v['mean_pred']:.2f} (MAE {v['mae']:.3f})"
                           for k, v in report.get("by_kind", {}).items())
-        lines.append(f"{'':<28}SEG by kind — {kinds}")
+        if kinds:
+            lines.append(f"{'':<28}SEG by kind — {kinds}")
     return "\n".join(lines)
 
 

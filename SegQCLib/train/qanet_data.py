@@ -56,7 +56,7 @@ from scipy import ndimage as ndi
 from ..data.cells import random_parameters, simulate_cells
 from ..degrade import merge_neighbours, morphology_perturbation, nonrigid_perturbation
 from ..metrics import instance_metrics, seg_measure, seg_per_object
-from ..models.qanet import TARGETS, normalise_image, trinary
+from ..models.qanet import DEFAULT_TARGETS, normalise_image, trinary
 
 KINDS = ("qanet", "mixed", "near", "algorithmic")
 SPLIT_SEEDS = {"train": 0, "val": 1, "test": 2}
@@ -345,7 +345,7 @@ def simulate_scene(rng: np.random.Generator, dims: int, shape: tuple[int, ...], 
 def generate_samples(dims: int, n_images: int, seed: int, patch: int = 64, perturbations: int = 3,
                      patches_per_perturbation: int | None = None, image_shape: tuple[int, ...] | None = None,
                      radius_range: tuple[float, float] | None = None,
-                     targets: tuple[str, ...] = TARGETS,
+                     targets: tuple[str, ...] = DEFAULT_TARGETS,
                      fill_range: tuple[float, float] = FILL_RANGE, stack_slices: bool = False,
                      progress: bool = True, log=print) -> QANetSamples:
     """A pool of samples from ``n_images`` simulated images (``perturbations`` erroneous segmentations

@@ -33,7 +33,8 @@ from scipy import ndimage as ndi
 from scipy import stats
 
 from ..errors import DataSourceMissing
-from ..metrics import seg_measure
+from ..metrics import instance_metrics, seg_measure
+from ..models.qanet import DISTANCE_TARGETS
 
 METHODS = ("otsu_watershed", "local_cc", "random_walker", "li_cc", "triangle_cc")
 
@@ -171,6 +172,21 @@ def _slice_seg(pred: np.ndarray, ref: np.ndarray) -> tuple[float, int]:
     return (total / weight if weight else math.nan), weight
 
 
+def _true_distance(pred: np.ndarray, ref: np.ndarray, target: str, slices: bool) -> float:
+    """True MHD95 or ASD (px, mean over matched instances, :func:`instance_metrics`); for ``slices``, the
+    mean over z slices holding labels, weighted by their labelled objects (as :func:`_slice_seg`)."""
+    if not slices:
+        return float(instance_metrics(pred, ref)[target])
+    values, weights = [], []
+    for p, r in zip(pred, ref):
+        n = int(np.count_nonzero(np.unique(r)))
+        value = instance_metrics(p, r)[target] if n else math.nan
+        if math.isfinite(value):
+            values.append(value)
+            weights.append(n)
+    return float(np.average(values, weights=weights)) if values else math.nan
+
+
 def evaluate_real(models: dict[str, Any], methods: tuple[str, ...] = METHODS,
                   datasets: tuple[str, ...] = ("scratch-2d", "cells3d-3d", "cells3d-2d-slices"),
                   log: Callable[..., None] = print) -> dict[str, Any]:
@@ -185,6 +201,7 @@ def evaluate_real(models: dict[str, Any], methods: tuple[str, ...] = METHODS,
     Returns:
         ``{dataset: {"rows": [{method, true_seg, pred_seg, rel_err, cross_method_err, n_images,
         n_instances_true, n_instances_pred}], "reference": {...the provided labels scored...},
+        for a model with distance heads also ``true_<d>`` / ``pred_<d>`` (px) per row for d in mhd95, asd,
         "spearman", "same_order", "same_best", "max_rel_err", "mean_rel_err", "seconds"}}``.
     """
     results: dict[str, Any] = {}
@@ -201,17 +218,25 @@ def evaluate_real(models: dict[str, Any], methods: tuple[str, ...] = METHODS,
             image, ref = cells3d()
             images, refs = [image], [ref]
         segs = {m: [segment(im, m) for im in images] for m in methods}
+        distances = [t for t in DISTANCE_TARGETS if t in model.config.targets]
         rows = []
         for m in methods + ("provided labels",):
             preds = refs if m == "provided labels" else segs[m]
             true, pred = [], []
+            true_d, pred_d = {t: [] for t in distances}, {t: [] for t in distances}
             for im, p, r in zip(images, preds, refs):
                 if dataset == "cells3d-2d-slices":
                     true.append(_slice_seg(p, r)[0])
                 else:
                     true.append(seg_measure(p, r))
-                pred.append(model.assess_instances(im, p).image_score)
+                result = model.assess_instances(im, p)
+                pred.append(result.image_score)
+                for t in distances:
+                    true_d[t].append(_true_distance(p, r, t, slices=dataset == "cells3d-2d-slices"))
+                    pred_d[t].append(result.extra["image_scores"][t])
             row = {"method": m, "true_seg": float(np.mean(true)), "pred_seg": float(np.mean(pred)),
+                   **{f"true_{t}": float(np.nanmean(true_d[t])) for t in distances},
+                   **{f"pred_{t}": float(np.mean(pred_d[t])) for t in distances},
                    "n_images": len(images), "n_instances_true": int(np.mean([np.count_nonzero(np.unique(r)) for r in refs])),
                    "n_instances_pred": int(np.mean([np.count_nonzero(np.unique(p)) for p in preds]))}
             row["rel_err"] = abs(row["pred_seg"] - row["true_seg"]) / row["true_seg"] if row["true_seg"] > 0 else math.nan
@@ -263,6 +288,14 @@ def format_real_table(results: dict[str, Any]) -> str:
         lines.append(f"| {dataset} | {res['spearman']:.2f} | {res['same_order']} | {res['same_best']} | "
                      f"{100 * res['mean_rel_err']:.1f} | {100 * res['max_rel_err']:.1f} | "
                      f"{100 * res['mean_cross_method_err']:.1f} |")
+    distance_rows = [(dataset, r) for dataset, res in results.items() for r in res["rows"] + [res["reference"]]
+                     if "true_mhd95" in r]
+    if distance_rows:
+        lines += ["", "| dataset | method | true MHD95 (px) | QANet MHD95 | true ASD (px) | QANet ASD |",
+                  "|---|---|---|---|---|---|"]
+        for dataset, r in distance_rows:
+            lines.append(f"| {dataset} | {r['method']} | {r['true_mhd95']:.2f} | {r['pred_mhd95']:.2f} | "
+                         f"{r['true_asd']:.2f} | {r['pred_asd']:.2f} |")
     return "\n".join(lines)
 
 

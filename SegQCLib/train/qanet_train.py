@@ -2,9 +2,14 @@
 
 Loss: MSE between predicted and true SEG (QANet eq. 4), each sample weighted by the inverse
 frequency of its true-SEG bin (10 bins, weights normalised to mean 1), plus the same for the
-``seg_objects`` head, plus ``aux_weight`` times the MSE of any other target (negative-exponential
-MHD). Adam, cosine learning-rate decay, flips / 90-degree in-plane rotations and a random intensity
+``seg_objects`` head, plus ``aux_weight`` times the MSE of any other [0, 1] target (negative-exponential
+MHD), plus ``distance_weight`` times the Huber loss (delta 1 px) of the distance targets (MHD95, ASD).
+Adam, cosine learning-rate decay, flips / 90-degree in-plane rotations and a random intensity
 affine + gamma as augmentation.
+
+A trained model is extended with distance heads by ``train(..., base=its state)``: its weights are
+loaded and frozen (batch-norm statistics too) and only the new head learns, so the extended model's
+other predictions are the base model's exactly.
 
 Checkpoints: ``OUT/checkpoint.pt`` (weights, optimiser, scheduler, epoch, batch within the epoch,
 best score, history) every ``checkpoint_minutes`` and after every epoch; Ctrl-C or SIGTERM saves it
@@ -25,7 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..models.qanet import QANetConfig, QANetQC, RibCageNet, build_network, count_parameters, encode_batch, save_model
+from ..models.qanet import (DISTANCE_TARGETS, QANetConfig, QANetQC, RibCageNet, build_network, count_parameters,
+                            encode_batch, save_model)
 from .evaluation import agreement
 from .qanet_data import KINDS, QANetSamples
 
@@ -43,6 +49,7 @@ class QANetTrainOptions:
     weight_decay: float = 1e-4
     bins: int = 10
     aux_weight: float = 0.5
+    distance_weight: float = 0.05
     seed: int = 0
     threads: int = 1
     checkpoint_minutes: float = 3.0
@@ -117,7 +124,8 @@ def evaluate_predictions(samples: QANetSamples, pred: np.ndarray) -> dict[str, A
         row = agreement(p, t)
         row.update({"rmse": float(np.sqrt(np.mean((p - t) ** 2))) if len(t) else math.nan,
                     "bias": float(np.mean(p - t)) if len(t) else math.nan,
-                    "auc": hit_rate_auc(p, t) if len(t) else math.nan})
+                    # hit-rate AUC over tolerances 0-0.5 is for [0, 1] scores only (QANet Table 1: N/A for distances)
+                    "auc": hit_rate_auc(p, t) if len(t) and target not in DISTANCE_TARGETS else math.nan})
         report[target] = row
     report["by_kind"] = {}
     for i, kind in enumerate(KINDS):
@@ -134,11 +142,15 @@ class _Stop(Exception):
 
 
 def train(out_dir: str | Path, train_set: QANetSamples, val_set: QANetSamples, config: QANetConfig,
-          options: QANetTrainOptions, progress: bool = True, log=print) -> Path:
+          options: QANetTrainOptions, progress: bool = True, log=print,
+          base: dict[str, torch.Tensor] | None = None) -> Path:
     """Train a QANet (resuming from ``out_dir/checkpoint.pt``); returns ``out_dir/best.json``.
 
     ``config.targets`` picks the predicted columns of the sample sets (``"seg"`` first; sets must
-    hold them). Raises KeyboardInterrupt after saving the checkpoint on Ctrl-C / SIGTERM.
+    hold them). ``base``: the state dict of a trained model of the same config without a distance
+    head; it is loaded and frozen, and only the distance head trains on the distance targets (the
+    sets must hold those and ``seg``); the best epoch is then the best mean validation Pearson r of
+    the distances. Raises KeyboardInterrupt after saving the checkpoint on Ctrl-C / SIGTERM.
     """
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -150,12 +162,22 @@ def train(out_dir: str | Path, train_set: QANetSamples, val_set: QANetSamples, c
         torch.set_num_threads(options.threads)
     device = torch.device(resolve_device(options.device))
     channels_last = device.type == "cpu"
-    columns = [train_set.targets.index(t) for t in config.targets]
     torch.manual_seed(options.seed)
     net = build_network(config).to(device)
+    trained = list(config.targets)
+    if base is not None:
+        missing, unexpected = net.load_state_dict(base, strict=False)
+        if unexpected or not missing or any(not k.startswith("distance_head.") for k in missing):
+            raise ValueError("base must be a trained model of this config without a distance head")
+        for name, parameter in net.named_parameters():
+            parameter.requires_grad_(name.startswith("distance_head."))
+        trained = [t for t in config.targets if t in DISTANCE_TARGETS]
+    outputs = [config.targets.index(t) for t in trained]
+    columns = [train_set.targets.index(t) for t in trained]
     if channels_last:
         net = net.to(memory_format=torch.channels_last if config.dims == 2 else torch.channels_last_3d)
-    optimiser = torch.optim.AdamW(net.parameters(), lr=options.lr, weight_decay=options.weight_decay)
+    optimiser = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=options.lr,
+                                  weight_decay=options.weight_decay)
     n_batches = len(train_set) // options.batch_size
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=options.lr, total_steps=max(1, options.epochs * n_batches),
                                                     pct_start=0.05, anneal_strategy="cos")
@@ -173,7 +195,9 @@ def train(out_dir: str | Path, train_set: QANetSamples, val_set: QANetSamples, c
         f"{count_parameters(net):,} parameters, {len(train_set)} train / {len(val_set)} val patches, device {device}")
     weights = torch.from_numpy(bin_weights(train_set.seg, options.bins))
     target = torch.from_numpy(train_set.target[:, columns])
-    task_weights = torch.tensor([1.0 if t in ("seg", "seg_objects") else options.aux_weight for t in config.targets])
+    task_weights = torch.tensor([1.0 if t in ("seg", "seg_objects") else options.aux_weight for t in trained])
+    distance = torch.tensor([t in DISTANCE_TARGETS for t in trained])
+    task_weights[distance] = options.distance_weight
     epoch, batch = start_epoch, start_batch
     started_run = time.perf_counter()
 
@@ -193,7 +217,7 @@ def train(out_dir: str | Path, train_set: QANetSamples, val_set: QANetSamples, c
     try:
         with Progress(*bar_columns, disable=not progress) as bar:
             for epoch in range(start_epoch, options.epochs):
-                net.train()
+                net.train(base is None)  # a frozen base keeps its batch-norm statistics
                 order = np.random.default_rng(options.seed * 1000 + epoch).permutation(len(train_set))
                 generator = torch.Generator().manual_seed(options.seed * 1000 + epoch)
                 task = bar.add_task(f"epoch {epoch + 1}/{options.epochs}", total=n_batches, loss=0.0,
@@ -206,8 +230,11 @@ def train(out_dir: str | Path, train_set: QANetSamples, val_set: QANetSamples, c
                     sb = torch.from_numpy(train_set.tri[idx])
                     xb, sb = augment(xb, sb, generator)
                     x, s = _to_device(xb.numpy(), sb.numpy(), config.encoding, device, channels_last)
-                    pred = net(x, s)
-                    err = (pred - target[idx].to(device)) ** 2 * task_weights.to(device)
+                    pred = net(x, s)[:, outputs]
+                    truth = target[idx].to(device)
+                    err = torch.where(distance.to(device),
+                                      torch.nn.functional.huber_loss(pred, truth, reduction="none", delta=1.0),
+                                      (pred - truth) ** 2) * task_weights.to(device)
                     loss = (weights[idx].to(device) * err.sum(dim=1)).mean()
                     optimiser.zero_grad(set_to_none=True)
                     loss.backward()
@@ -222,19 +249,23 @@ def train(out_dir: str | Path, train_set: QANetSamples, val_set: QANetSamples, c
                         last_save = time.perf_counter()
                 batch = n_batches  # an interrupt from here on resumes at this epoch's validation
                 pred_val = predict_samples(net, val_set, config.encoding, device=device)
-                val_view = QANetSamples(val_set.image, val_set.tri, val_set.target[:, [val_set.targets.index(t) for t in config.targets]],
-                                        val_set.n_gt, val_set.n_pred, val_set.group, val_set.kind, config.targets)
-                report = evaluate_predictions(val_view, pred_val)
-                score = report["seg"]["lcc"] - report["seg"]["mae"]
+                shown = [t for t in config.targets if t in val_set.targets]
+                val_view = QANetSamples(val_set.image, val_set.tri, val_set.target[:, [val_set.targets.index(t) for t in shown]],
+                                        val_set.n_gt, val_set.n_pred, val_set.group, val_set.kind, tuple(shown))
+                report = evaluate_predictions(val_view, pred_val[:, [config.targets.index(t) for t in shown]])
+                if base is None:
+                    score = report["seg"]["lcc"] - report["seg"]["mae"]
+                else:
+                    score = float(np.mean([report[t]["lcc"] for t in trained]))
                 history.append({"epoch": epoch + 1, "loss": running, "seconds": time.perf_counter() - started,
-                                "val": {t: report[t] for t in config.targets}})
-                log(f"epoch {epoch + 1}: loss {running:.4f}  val SEG r {report['seg']['lcc']:.3f} "
-                    f"SROCC {report['seg']['srocc']:.3f} MAE {report['seg']['mae']:.3f}  "
-                    f"({time.perf_counter() - started:.0f} s)")
+                                "val": {t: report[t] for t in shown}})
+                log(f"epoch {epoch + 1}: loss {running:.4f}  val " + "  ".join(
+                    f"{t} r {report[t]['lcc']:.3f} MAE {report[t]['mae']:.3f}" for t in (trained if base is not None else ["seg"]))
+                    + f"  ({time.perf_counter() - started:.0f} s)")
                 if score > best:
                     best = score
                     save_model(net, config, out_dir / "best", {"name": "best", "trained_epochs": epoch + 1,
-                                                                "val": {t: report[t] for t in config.targets}})
+                                                                "val": {t: report[t] for t in shown}})
                 epoch, batch = epoch + 1, 0
                 save_checkpoint()
                 epoch -= 1
@@ -259,11 +290,11 @@ def _main_thread() -> bool:
 
 def evaluate_model(model: QANetQC, samples: QANetSamples) -> dict[str, Any]:
     """Held-out agreement of a loaded QANet with the truth of ``samples`` (targets it predicts)."""
-    cols = [samples.targets.index(t) for t in model.config.targets if t in samples.targets]
-    view = QANetSamples(samples.image, samples.tri, samples.target[:, cols], samples.n_gt, samples.n_pred,
-                        samples.group, samples.kind, tuple(samples.targets[c] for c in cols))
+    shown = [t for t in model.config.targets if t in samples.targets]
+    view = QANetSamples(samples.image, samples.tri, samples.target[:, [samples.targets.index(t) for t in shown]],
+                        samples.n_gt, samples.n_pred, samples.group, samples.kind, tuple(shown))
     pred = predict_samples(model.net, view, model.config.encoding, device=model.device)
-    return evaluate_predictions(view, pred[:, :len(cols)])
+    return evaluate_predictions(view, pred[:, [model.config.targets.index(t) for t in shown]])
 
 
 __all__ = ["QANetTrainOptions", "train", "evaluate_model", "evaluate_predictions", "predict_samples",
