@@ -257,6 +257,10 @@ def test_distances_are_reported_in_px_of_the_input_image(tiny_model, tmp_path, m
     scores = result.to_json_dict()["image_score"]
     assert scores["mhd95"] == pytest.approx(6.0) and scores["asd"] == pytest.approx(3.0)
     assert scores["seg"] < 0.8 - 0.05      # the pieces of instance 2 score 0.8 x their share
+    auto = model.assess_instances(image, labels).extra["image_scores"]
+    volume = model.assess(image, labels).volume  # the QCResult protocol (batch QC, reports)
+    assert volume == pytest.approx({"seg": auto["seg_objects"] if "seg_objects" in auto else auto["seg"],
+                                    "mhd95": auto["mhd95"], "asd": auto["asd"]})
 
 
 def test_save_load_round_trip_gives_identical_outputs(tiny_model, tmp_path) -> None:

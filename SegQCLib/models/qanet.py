@@ -693,7 +693,9 @@ class QANetQC:
             piece's score times the share of its filled instance it covers (:func:`scored_pieces`),
             as SEG bounds such errors; with ``necks``, pieces are also cut at necks into bodies.
             With no evaluated instance, the plain mean of
-            the patch predictions. ``n_instances`` in the rows counts the evaluated instance pieces in each patch;
+            the patch predictions. A model with distance heads also gives ``extra["image_scores"]["mhd95"]``
+            and ``["asd"]`` (and the same keys in each patch row): instance averages in px of the input
+            image, not multiplied by the pieces' cover. ``n_instances`` in the rows counts the evaluated instance pieces in each patch;
             ``extra["image_scores_patch_weighted"]`` holds the older average of patch predictions
             weighted by ``n_instances`` (shipped 2D model on 394 held-out simulated 2D scenes: r 0.914 /
             MAE 0.066, against 0.929 / 0.059 for the instance average; ``benchmarks/qanet_image_level.py``).
@@ -845,14 +847,17 @@ class QANetQC:
     def assess(self, image, mask: np.ndarray, label: str = "nuclei", *, threshold: float = DEFAULT_FLAG_THRESHOLD,
                all_slices: bool = True) -> QCResult:
         """:meth:`assess_instances` wrapped as a :class:`~SegQCLib.qc.QCResult`: ``volume = {"seg": image
-        score}``, no slice rows, the JSON of the patches under ``extra``. ``image`` is a Volume or an
-        array; ``mask`` is an instance label image (a bool mask is split into connected components)."""
+        score}`` (plus ``mhd95`` and ``asd`` in px for a model with distance heads), no slice rows, the JSON
+        of the patches under ``extra``. ``image`` is a Volume or an array; ``mask`` is an instance label
+        image (a bool mask is split into connected components)."""
         array = getattr(image, "array", image)
         if self.config.dims == 2 and np.asarray(array).ndim == 3 and np.asarray(array).shape[0] == 1:
             array, mask = np.asarray(array)[0], np.asarray(mask)[0]
         result = self.assess_instances(array, mask)
         payload = result.to_json_dict()
-        return QCResult(model=self.name, label=label, volume={"seg": result.image_score}, slices=[],
+        volume = {"seg": result.image_score}
+        volume.update({t: result.extra["image_scores"][t] for t in DISTANCE_TARGETS if t in self.config.targets})
+        return QCResult(model=self.name, label=label, volume=volume, slices=[],
                         threshold=threshold, runtime_s=result.runtime_s,
                         extra={"patches": payload["patches"], "scale": payload["scale"]})
 
