@@ -239,9 +239,32 @@ def test_extending_a_model_with_distance_heads_keeps_its_other_outputs(tiny_mode
         train_qanet(tmp_path / "again", extend=card, targets=("seg", "mhd95"), progress=False, log=lambda *a: None)
 
 
+def test_distances_of_pieces_apart_include_the_other_pieces_outlines() -> None:
+    from SegQCLib.models.qanet import combine_distances, distances_to_other_pieces, scored_pieces
+
+    labels = np.zeros((20, 40), np.int32)
+    labels[5:15, 5:15] = 1      # one id on two 10 x 10 squares, 10 px apart
+    labels[5:15, 25:35] = 1
+    labels[5:15, 17:19] = 2     # another instance in between, in one piece: absent from the result
+    scored = scored_pieces(labels)
+    others = distances_to_other_pieces(scored.pieces, scored.owner, scored.component)
+    assert sorted(scored.owner[list(others)]) == [1, 1]
+    for n_outline, distance in others.values():
+        assert n_outline == 36                                  # the outline of a 10 x 10 square
+        assert distance.size == 36 and distance.min() == pytest.approx(11.0)
+        assert distance.max() == pytest.approx(20.0)                # the far side, level with the piece
+    # pooled with the network's own distances: ASD is the mean of all, MHD95 read from the far ones
+    mhd95, asd = combine_distances(2.0, 1.0, 100, np.full(50, 10.0))
+    assert asd == pytest.approx((200 * 1.0 + 50 * 10.0) / 250) and mhd95 == pytest.approx(10.0)
+    mhd95, asd = combine_distances(2.0, 1.0, 100, np.full(5, 10.0))  # 5 of 205 distances: below the 95th percentile
+    assert mhd95 == 2.0 and asd == pytest.approx((200 + 50) / 205)
+    assert combine_distances(2.0, 1.0, 100, np.zeros(0)) == (2.0, 1.0)
+
+
 def test_distances_are_reported_in_px_of_the_input_image(tiny_model, tmp_path, monkeypatch) -> None:
     """The distance head predicts on the working grid; at scale 0.5 one working px is two input px.
-    Distances are instance averages like the SEG, but not multiplied by a piece's cover."""
+    Distances are instance averages like the SEG, but not multiplied by a piece's cover: the pieces of
+    one id add the distances between them instead (:func:`combine_distances`)."""
     best, _ = tiny_model
     base = load_model(best, "cpu")
     config = QANetConfig.from_dict({**base.config.to_dict(), "targets": ("seg", "mhd95", "asd")})
@@ -249,14 +272,20 @@ def test_distances_are_reported_in_px_of_the_input_image(tiny_model, tmp_path, m
     monkeypatch.setattr(model, "predict_patches", lambda images, tri: np.tile([0.8, 3.0, 1.5], (len(images), 1)))
     labels = np.zeros((64, 128), np.int32)
     labels[10:40, 10:40] = 1
-    labels[10:40, 70:85] = 2               # one id on two pieces: its SEG is charged its share, not its distances
-    labels[10:40, 95:110] = 2
+    labels[10:40, 70:110] = 2
     image = np.where(labels > 0, 3.0, 1.0) + np.random.default_rng(0).normal(0, 0.1, labels.shape)
     result = model.assess_instances(image, labels, patch=32, overlap=0.0, scale=0.5)
     assert all(row["mhd95"] == pytest.approx(6.0) and row["asd"] == pytest.approx(3.0) for row in result.patches)
     scores = result.to_json_dict()["image_score"]
     assert scores["mhd95"] == pytest.approx(6.0) and scores["asd"] == pytest.approx(3.0)
-    assert scores["seg"] < 0.8 - 0.05      # the pieces of instance 2 score 0.8 x their share
+    assert scores["seg"] == pytest.approx(0.8)
+    # one id on two pieces 10 px apart: SEG charges each piece its share; the distances of each piece's
+    # nucleus include the other piece's outline, 5 to 27 px away on the input grid
+    apart = labels.copy()
+    apart[10:40, 85:95] = 0
+    pieces = model.assess_instances(image, apart, patch=32, overlap=0.0, scale=0.5).to_json_dict()["image_score"]
+    assert pieces["seg"] < 0.8 - 0.05
+    assert 10.0 < pieces["mhd95"] < 30.0 and 3.0 + 1.0 < pieces["asd"] < 15.0
     auto = model.assess_instances(image, labels).extra["image_scores"]
     volume = model.assess(image, labels).volume  # the QCResult protocol (batch QC, reports)
     assert volume == pytest.approx({"seg": auto["seg_objects"] if "seg_objects" in auto else auto["seg"],

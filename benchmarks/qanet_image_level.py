@@ -18,8 +18,9 @@ training), how well the two averages in :meth:`QANetQC.assess_instances` track t
 Both are measured on the head the image score uses (``seg_objects`` when the model has it) and, for
 a model with that head, also on its ``seg`` head (the paper's patch SEG): ``instances (seg head)``.
 
-For a model with distance heads, 2D scenes also compare its image-level MHD95 and ASD (instance
-averages, px) with the true ones (means over the matched instances, :func:`instance_metrics`).
+For a model with distance heads, its image-level MHD95 and ASD (instance averages, px) are also
+compared with the true ones (means over the matched instances, :func:`instance_metrics`; for stacks,
+over the labelled z slices weighted by their objects).
 
 2D images are the training geometry (192 x 192); stacks are z stacks scored slice by slice, true SEG
 pooled over slices weighted by their GT objects (as for real cells3d). One erroneous segmentation
@@ -46,8 +47,8 @@ sys.path.insert(0, str(ROOT))
 
 from SegQCLib.models.qanet import IMAGE_TARGET, load_model  # noqa: E402
 from SegQCLib.train.qanet_data import SPLIT_SEEDS, perturb_instances, simulate_scene  # noqa: E402
-from SegQCLib.train.qanet_real import _slice_seg  # noqa: E402
-from SegQCLib.metrics import instance_metrics, seg_measure  # noqa: E402
+from SegQCLib.train.qanet_real import _slice_seg, _true_distance  # noqa: E402
+from SegQCLib.metrics import seg_measure  # noqa: E402
 from SegQCLib.models.qanet import DISTANCE_TARGETS  # noqa: E402
 
 
@@ -116,7 +117,7 @@ def main() -> None:
         head = IMAGE_TARGET if IMAGE_TARGET in scorer.config.targets else "seg"
         shape, radius_range = ((192, 192), (5.0, 15.0)) if scorer.config.dims == 2 else ((32, 72, 72), (4.5, 8.5))
         true, necks_off, necks_on, by_patch, by_seg_head, cut = [], [], [], [], [], 0
-        distances = [t for t in DISTANCE_TARGETS if t in scorer.config.targets] if not stack else []
+        distances = [t for t in DISTANCE_TARGETS if t in scorer.config.targets]
         true_dist, pred_dist = {t: [] for t in distances}, {t: [] for t in distances}
         for i in track(range(n), description=f"{kind} scenes"):
             rng = np.random.default_rng(SPLIT_SEEDS["test"] * 1_000_003 + i + offsets[kind])
@@ -137,12 +138,11 @@ def main() -> None:
             result = on if scorer.necks_by_default else off
             by_patch.append(result.extra["image_scores_patch_weighted"][head])
             by_seg_head.append(result.extra["image_scores"]["seg"])
-            if distances:
-                metrics = instance_metrics(pred, gt)  # px; means over the matched instances
-                for t in distances:
-                    if np.isfinite(metrics[t]):
-                        true_dist[t].append(metrics[t])
-                        pred_dist[t].append(result.extra["image_scores"][t])
+            for t in distances:  # px; means over the matched instances (per labelled z slice for stacks)
+                value = _true_distance(pred, gt, t, slices=stack)
+                if np.isfinite(value):
+                    true_dist[t].append(value)
+                    pred_dist[t].append(result.extra["image_scores"][t])
         t = np.array(true)
         out[kind] = {"instances, necks off": _summary(t, np.array(necks_off)),
                      "instances, necks on": _summary(t, np.array(necks_on)) | {"instances_cut": cut},

@@ -542,6 +542,65 @@ def scored_pieces(labels: np.ndarray, necks: bool = False) -> ScoredPieces:
     return ScoredPieces(filled, pieces, cover, owner, component)
 
 
+def distances_to_other_pieces(pieces: np.ndarray, owner: np.ndarray, component: np.ndarray
+                              ) -> dict[int, tuple[int, np.ndarray]]:
+    """For each piece of an instance in two or more pieces apart: its outline's size and how far the
+    outlines of the instance's other pieces lie from it.
+
+    pieces: (y, x) or (z, y, x) int labels 1..K (:func:`scored_pieces`); owner, component: (K + 1,) the
+    instance and the connected piece each id belongs to. Distances in px of the grid (isotropic).
+    Returns ``{piece: (n_outline, distances)}``: the number of outline pixels of the piece and, for every
+    outline pixel of the other pieces of its instance, the Euclidean distance to the piece. Pieces of
+    instances in one connected piece (or cut at a neck only) are absent.
+
+    Why: a nucleus matched by an instance in pieces has, in its MHD95 and ASD, the distances from the
+    other pieces' outlines to its own; the network sees each piece as a nucleus of its own and cannot
+    know them (:func:`combine_distances`).
+    """
+    out: dict[int, tuple[int, np.ndarray]] = {}
+    ids = np.arange(owner.size)
+    boxes = ndi.find_objects(pieces)
+    for instance in np.unique(owner[1:]):
+        members = ids[1:][owner[1:] == instance]
+        members = members[[boxes[m - 1] is not None for m in members]]
+        if np.unique(component[members]).size < 2:
+            continue
+        box = tuple(slice(min(boxes[m - 1][a].start for m in members), max(boxes[m - 1][a].stop for m in members))
+                    for a in range(pieces.ndim))
+        crop = pieces[box]
+        outline = {int(m): (crop == m) & ~ndi.binary_erosion(crop == m) for m in members}
+        for m in members:
+            others = np.zeros(crop.shape, bool)
+            for n in members:
+                if component[n] != component[m]:
+                    others |= outline[int(n)]
+            # distance to the piece: the EDT of its complement (padded so that the crop edge is no piece)
+            distance = ndi.distance_transform_edt(np.pad(crop != m, 1, constant_values=True))
+            distance = distance[(slice(1, -1),) * crop.ndim]
+            out[int(m)] = (int(np.count_nonzero(outline[int(m)])), distance[others])
+    return out
+
+
+def combine_distances(mhd95: float, asd: float, n_outline: int, other: np.ndarray) -> tuple[float, float]:
+    """MHD95 and ASD of a nucleus matched by an instance in pieces, from the network's values for its
+    own piece and the distances ``other`` (px) of the other pieces' outline pixels to it.
+
+    The nucleus's and its piece's outlines contribute about ``2 * n_outline`` distances whose mean is
+    ``asd`` and whose 95th percentile is ``mhd95``; the other pieces add ``other``. ASD is the mean of
+    all; MHD95 is the 95th percentile of all, read from ``other`` when they are more than 5 % of the
+    distances (they lie beyond the piece's own), else ``mhd95``. Approximate: the two sets are pooled
+    as if the piece's own distances were all at most ``mhd95``.
+    """
+    n_own, n_other = 2 * max(n_outline, 1), other.size
+    if n_other == 0:
+        return mhd95, asd
+    mean = (n_own * asd + float(other.sum())) / (n_own + n_other)
+    share = n_other / (n_own + n_other)
+    if share <= 0.05:
+        return mhd95, mean
+    return max(mhd95, float(np.quantile(other, 1.0 - 0.05 / share))), mean
+
+
 def _zoom(array: np.ndarray, shape: tuple[int, ...], order: int) -> np.ndarray:
     """Resample to ``shape`` (pixel-centre aligned): order 1 for images, 0 for labels."""
     if tuple(array.shape) == tuple(shape):
@@ -838,7 +897,18 @@ class QANetQC:
         # a piece's qualities times its cover (SEG's bound, scored_pieces); distances are not scaled
         factor = np.ones((held.size, preds.shape[1]))
         factor[:, :nb] = cover[held, None]
-        instances = (inst_sum[held] / inst_px[held, None] * factor,
+        scores = inst_sum[held] / inst_px[held, None] * factor
+        if nb < preds.shape[1]:  # distances of pieces apart include the other pieces' outlines
+            columns = [self.config.targets.index(t) if t in self.config.targets else None for t in DISTANCE_TARGETS]
+            others = distances_to_other_pieces(work_lab[tuple(slice(0, n) for n in work_shape)], owner, component)
+            for row, piece in enumerate(held):
+                if int(piece) in others:
+                    n_outline, other = others[int(piece)]
+                    own = [scores[row, c] if c is not None else math.nan for c in columns]
+                    for c, value in zip(columns, combine_distances(*own, n_outline, other / scale)):
+                        if c is not None:
+                            scores[row, c] = value
+        instances = (scores,
                      np.maximum(1.0, sizes[held] / typical) if held.size else np.zeros(0), in_pieces, with_holes,
                      cut_at_necks)
         return rows, heat, preds, instances
