@@ -45,11 +45,10 @@ from scipy import ndimage as ndi
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from SegQCLib.models.qanet import IMAGE_TARGET, load_model  # noqa: E402
+from SegQCLib.models.qanet import DISTANCE_TARGETS, IMAGE_TARGET, load_model  # noqa: E402
 from SegQCLib.train.qanet_data import SPLIT_SEEDS, perturb_instances, simulate_scene  # noqa: E402
 from SegQCLib.train.qanet_real import _slice_seg, _true_distance  # noqa: E402
 from SegQCLib.metrics import seg_measure  # noqa: E402
-from SegQCLib.models.qanet import DISTANCE_TARGETS  # noqa: E402
 
 
 def _summary(true: np.ndarray, pred: np.ndarray) -> dict:

@@ -903,7 +903,7 @@ class QANetQC:
         scores = inst_sum[held] / inst_px[held, None] * factor
         if nb < preds.shape[1]:  # distances of pieces apart include the other pieces' outlines
             columns = [self.config.targets.index(t) if t in self.config.targets else None for t in DISTANCE_TARGETS]
-            others = distances_to_other_pieces(work_lab[tuple(slice(0, n) for n in work_shape)], owner, component)
+            others = distances_to_other_pieces(work_lab, owner, component)  # padding adds no piece
             for row, piece in enumerate(held):
                 if int(piece) in others:
                     n_outline, other = others[int(piece)]

@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
-from ..models.qanet import DEFAULT_TARGETS, DISTANCE_TARGETS, QANetConfig, QANetQC, QANetResult, load_model
+from ..models.qanet import (DEFAULT_TARGETS, DISTANCE_TARGETS, QANetConfig, QANetQC, QANetResult, load_model,
+                            save_model)
 from .qanet_data import SAMPLES_VERSION, SPLIT_SEEDS, QANetSamples, balance, generate_samples, seg_histogram
 
 #: Default sizes per dimensionality: simulated images per split, balanced training patches, epochs,
@@ -91,7 +92,6 @@ def train_qanet(out: Path, dims: int = 2, name: str | None = None, fusion: str =
         (card path, held-out simulated test report: per target n, lcc, srocc, mae, rmse, bias, auc).
     """
     from .qanet_train import QANetTrainOptions, train
-    from ..models.qanet import save_model
 
     base = load_model(extend, "cpu") if extend else None
     if base is not None:
@@ -176,8 +176,6 @@ def train_qanet(out: Path, dims: int = 2, name: str | None = None, fusion: str =
 def _extended_card(base: QANetQC, model: QANetQC, stem: Path, metrics: dict[str, Any], options: Any,
                    new: tuple[str, ...], data: dict[str, Any], log=print) -> Path:
     """Write the extended model: the base card with the new targets' held-out metrics merged in."""
-    from ..models.qanet import save_model
-
     card = json.loads(json.dumps(base.card))
     for split, report in metrics.items():
         merged = card.setdefault("metrics", {}).setdefault(split, {})

@@ -161,30 +161,32 @@ class _Case:
     labels: list[np.ndarray]
 
 
-def _slice_seg(pred: np.ndarray, ref: np.ndarray) -> tuple[float, int]:
-    """(pooled SEG over z slices weighted by labelled objects per slice, total objects)."""
+def _slice_pooled(pred: np.ndarray, ref: np.ndarray, measure: Callable[[np.ndarray, np.ndarray], float]
+                  ) -> tuple[float, int]:
+    """(``measure`` pooled over the z slices holding labels, each weighted by its labelled objects, total
+    weight); slices where ``measure`` is not finite (a distance with nothing matched) are left out."""
     total, weight = 0.0, 0
     for p, r in zip(pred, ref):
         n = int(np.count_nonzero(np.unique(r)))
-        if n:
-            total += seg_measure(p, r) * n
+        value = measure(p, r) if n else math.nan
+        if math.isfinite(value):
+            total += value * n
             weight += n
     return (total / weight if weight else math.nan), weight
+
+
+def _slice_seg(pred: np.ndarray, ref: np.ndarray) -> tuple[float, int]:
+    """(pooled SEG over z slices weighted by labelled objects per slice, total objects)."""
+    return _slice_pooled(pred, ref, seg_measure)
 
 
 def _true_distance(pred: np.ndarray, ref: np.ndarray, target: str, slices: bool) -> float:
     """True MHD95 or ASD (px, mean over matched instances, :func:`instance_metrics`); for ``slices``, the
     mean over z slices holding labels, weighted by their labelled objects (as :func:`_slice_seg`)."""
-    if not slices:
-        return float(instance_metrics(pred, ref)[target])
-    values, weights = [], []
-    for p, r in zip(pred, ref):
-        n = int(np.count_nonzero(np.unique(r)))
-        value = instance_metrics(p, r)[target] if n else math.nan
-        if math.isfinite(value):
-            values.append(value)
-            weights.append(n)
-    return float(np.average(values, weights=weights)) if values else math.nan
+    def measure(p: np.ndarray, r: np.ndarray) -> float:
+        return float(instance_metrics(p, r)[target])
+
+    return _slice_pooled(pred, ref, measure)[0] if slices else measure(pred, ref)
 
 
 def evaluate_real(models: dict[str, Any], methods: tuple[str, ...] = METHODS,
