@@ -398,7 +398,11 @@ def train_sentinel_cmd(
     lr: float = typer.Option(1e-3, "--lr"),
     rank_weight: float = typer.Option(1.0, "--rank-weight", help="Weight of the optimal-pair ranking loss (0: MSE only)."),
     text_encoder: str = typer.Option("minilm", "--text-encoder", help="minilm, onehot or openclip:<model>:<checkpoint>."),
-    backbone: str = typer.Option("resnet18", "--backbone", help="resnet10, resnet18, resnet34 or resnet50."),
+    backbone: str = typer.Option("resnet18", "--backbone", help="resnet10, resnet18, resnet34, resnet50, or "
+                                 "openclip:<model>:<checkpoint> (SegAE: a local open_clip vision tower such as "
+                                 "BiomedCLIP's, fine-tuned on the image with its mask blended in; use --size 224)."),
+    freeze_backbone: bool = typer.Option(False, "--freeze-backbone/--train-backbone", help="Keep an openclip "
+                                         "backbone's pretrained weights fixed (only the gates and head train)."),
     widen: float = typer.Option(0.5, "--widen", help="Channel width factor of the ResNet."),
     size: int = typer.Option(96, "--size", help="Model input side in pixels (papers: 256)."),
     context_mm: float = typer.Option(128.0, "--context-mm", help="Side of the fixed-size context view in mm (0: off, the papers' 2 channels)."),
@@ -416,16 +420,22 @@ def train_sentinel_cmd(
                                      "text embeddings, relative to theirs (0: none; benchmarks/sentinel_tissue.md "
                                      "measures 0.5)."),
     seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (where the network trains and is evaluated)."),
     install: bool = typer.Option(False, "--install", help="Copy the best model into Resources/Models with its card."),
 ) -> None:
     """Train Quality Sentinel on the real MRI of DATA.md (resumes from OUT/checkpoint.pt)."""
     from .models.encoders import OneHotTextEncoder, text_encoder_from_spec
-    from .models.sentinel import SentinelConfig
+    from .models.sentinel import SentinelConfig, resolve_backbone
+    from .qc import resolve_device
     from .train.sentinel_cli import card_extra, evaluate_model, format_report, sample_set, write_card
     from .train.sentinel_train import TrainOptions, train
 
     data_dir = out / "data"
-    config = SentinelConfig(backbone=backbone, widen=widen, size=size, context_mm=context_mm)
+    if freeze_backbone and not backbone.startswith("openclip:"):
+        raise InputError("--freeze-backbone", "only an openclip:<model>:<checkpoint> backbone is pretrained")
+    device = resolve_device(device)
+    config = resolve_backbone(SentinelConfig(backbone=backbone, widen=widen, size=size, context_mm=context_mm,
+                                             freeze_backbone=freeze_backbone))
     if not 0.0 <= strip_prob <= 1.0:
         raise InputError("--strip-prob", f"must be in [0, 1], got {strip_prob}")
     if not 0.0 <= intensity_prob <= 1.0:
@@ -441,8 +451,8 @@ def train_sentinel_cmd(
     config.text_encoder, config.text_dim = encoder.name, encoder.dim
     options = TrainOptions(epochs=epochs, batch_size=batch_size, lr=lr, rank_weight=rank_weight, seed=seed,
                            intensity_prob=intensity_prob, text_noise=text_noise, flip_names=flip_names)
-    best = train(out, train_set, val_set, config, options, encoder, log=console.print)
-    results = evaluate_model(best, data_dir, log=console.print)
+    best = train(out, train_set, val_set, config, options, encoder, log=console.print, device=device)
+    results = evaluate_model(best, data_dir, device=device, log=console.print)
     console.print(format_report(results))
     extra = card_extra(config, options, train_set, val_set, strip_prob)
     card = write_card(best, out / name, name, results, extra)

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 
@@ -34,6 +33,7 @@ from SegQCLib.models.encoders import (
 )
 
 open_clip = pytest.importorskip("open_clip")
+from tiny_clip import BIO_PRE, TINY, make_biomedclip_repo, make_tiny_clip  # noqa: E402 (needs open_clip)
 
 
 def cos(encoder: TextEncoder, a: str, b: str) -> float:
@@ -185,12 +185,6 @@ def test_unknown_spec():
 # open_clip: a tiny OpenAI-style CLIP
 # ----------------------------------------------------------------------------------------------
 
-TINY = "SegQCTestTinyCLIP"
-TINY_CFG = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-}
 OPENAI_MEAN = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
 OPENAI_STD = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
 
@@ -198,26 +192,7 @@ OPENAI_STD = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """The tiny model registered with open_clip, in memory and saved in four layouts."""
-    from safetensors.torch import save_file
-
-    root = tmp_path_factory.mktemp("tinyclip")
-    config = root / f"{TINY}.json"
-    config.write_text(json.dumps(TINY_CFG))
-    open_clip.add_model_config(config)
-    torch.manual_seed(0)
-    model = open_clip.create_model(TINY).eval()
-    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-    files = {
-        "safetensors": root / "tiny.safetensors",
-        "pt": root / "tiny.pt",
-        "wrapped": root / "wrapped.pth",
-        "visual_only": root / "visual.bin",
-    }
-    save_file(state, str(files["safetensors"]))
-    torch.save(state, files["pt"])
-    torch.save({"epoch": 7, "state_dict": {f"module.{k}": v for k, v in state.items()}}, files["wrapped"])
-    torch.save({k: v for k, v in state.items() if k.startswith("visual.")}, files["visual_only"])
-    return {"model": model, "config": config, "root": root, **files}
+    return make_tiny_clip(tmp_path_factory.mktemp("tinyclip"))
 
 
 def reference_text(model, prompts):
@@ -324,39 +299,10 @@ def test_read_state_dict_unwraps(tiny):
 # open_clip: BiomedCLIP layout (timm ViT + Hugging Face BERT), all local
 # ----------------------------------------------------------------------------------------------
 
-HF_NAME = "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract"  # as in BiomedCLIP's config; never fetched
-BIO_PRE = {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}
-
-
 @pytest.fixture(scope="module")
 def biomed(tmp_path_factory):
     """A folder like BiomedCLIP's hub repository, and a local tiny BERT folder for its text tower."""
-    from open_clip.model import CustomTextCLIP
-    from transformers import BertConfig, BertTokenizer
-
-    root = tmp_path_factory.mktemp("biomedclip")
-    bert = root / "bert"
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "left", "right", "kidney", "liver",
-             "spleen", "hippocampus", "frontal", "superior", "orbital", "lung", "upper", "lobe"]
-    BertTokenizer(vocab={w: i for i, w in enumerate(words)}).save_pretrained(bert)
-    BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-               intermediate_size=64, max_position_embeddings=32).save_pretrained(bert)
-    model_cfg = {
-        "embed_dim": 16,
-        "vision_cfg": {"timm_model_name": "vit_tiny_patch16_224", "timm_model_pretrained": False,
-                       "timm_pool": "", "timm_proj": "linear", "image_size": 224},
-        "text_cfg": {"hf_model_name": HF_NAME, "hf_tokenizer_name": HF_NAME, "hf_proj_type": "mlp",
-                     "hf_pooler_type": "cls_last_hidden_state_pooler", "context_length": 16},
-    }
-    repo = root / "repo"
-    repo.mkdir()
-    (repo / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": BIO_PRE}))
-    local_cfg = json.loads(json.dumps(model_cfg))
-    local_cfg["text_cfg"].update(hf_model_name=str(bert), hf_model_pretrained=False)
-    torch.manual_seed(2)
-    model = CustomTextCLIP(**local_cfg).eval()
-    torch.save(model.state_dict(), repo / "open_clip_pytorch_model.bin")
-    return {"model": model, "repo": repo, "bert": bert}
+    return make_biomedclip_repo(tmp_path_factory.mktemp("biomedclip"))
 
 
 def test_biomedclip_text_needs_local_tokenizer(biomed):

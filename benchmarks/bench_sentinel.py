@@ -1,8 +1,13 @@
 """Seconds per 3D mask (10 evenly spaced slices) of a Sentinel model, on CPU and, when present, CUDA.
 
-Run: .venv/bin/python benchmarks/bench_sentinel.py [--model sentinel-brain-mr] [--repeats 10]
+Run: .venv/bin/python benchmarks/bench_sentinel.py [--model sentinel-brain-mr] [--repeats 10] [--segae]
 Prints the cold first call (text encoder loading included) and the warm median/best, per device,
 for a small (Hippocampus_L) and a large (whole brain) structure of Colin27.
+
+``--segae`` also times SegAE's mode in the same run: a Sentinel whose encoder is BiomedCLIP's vision tower
+architecture (timm ViT-B/16, 224 px, 512-d embedding; papers' two channels, no context view) with
+random weights -- speed does not depend on the weights, which cannot be downloaded here -- and a
+fixed 512-d text embedding (BiomedCLIP's text tower would run once per structure name).
 """
 from __future__ import annotations
 
@@ -15,6 +20,31 @@ import torch
 
 from SegQCLib.data.sources import colin27
 from SegQCLib.qc import load_model
+
+#: BiomedCLIP's vision tower (open_clip_config.json of microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224)
+BIOMEDCLIP_VISION = {"model": "BiomedCLIP vision tower (architecture only)", "embed_dim": 512,
+                     "vision_cfg": {"timm_model_name": "vit_base_patch16_224", "timm_model_pretrained": False,
+                                    "timm_pool": "", "timm_proj": "linear", "image_size": 224},
+                     "quick_gelu": False, "image_size": [224, 224], "interpolation": "bicubic",
+                     "mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]}
+
+
+class _FixedText:
+    """One 512-d embedding for every name (the text tower's cost is once per name, not per mask)."""
+
+    name, dim = "fixed", 512
+
+    def encode(self, names):
+        return np.full((len(names), self.dim), 1.0 / np.sqrt(self.dim), np.float32)
+
+
+def segae_model(device: str):
+    """A SegAE-mode Sentinel of BiomedCLIP's size (random weights), on ``device``."""
+    from SegQCLib.models.sentinel import SentinelConfig, SentinelNet, SentinelQC
+
+    config = SentinelConfig(backbone="openclip:biomedclip:(random weights)", size=224, text_dim=512,
+                            openclip=BIOMEDCLIP_VISION)
+    return SentinelQC("segae-biomedclip-size", SentinelNet(config), config, text_encoder=_FixedText(), device=device)
 
 
 def time_calls(model, image, mask, name: str, repeats: int) -> tuple[float, list[float]]:
@@ -36,6 +66,7 @@ def main() -> None:
     parser.add_argument("--model", default="sentinel-brain-mr")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--segae", action="store_true", help="time SegAE's mode (BiomedCLIP-size ViT-B/16 tower)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -45,12 +76,20 @@ def main() -> None:
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     print(f"torch {torch.__version__}, CPU threads {torch.get_num_threads()}, devices {devices}")
     for device in devices:
-        model = load_model(args.model, device)
-        for name, image, mask in cases:
-            cold, warm = time_calls(model, image, mask, name, args.repeats)
-            print(f"{device:5s} {name:14s} cold {cold:7.3f} s   warm median {statistics.median(warm):.3f} s"
-                  f"   best {min(warm):.3f} s   ({int(np.count_nonzero(mask))} voxels, 10 slices)")
-
+        models = [(args.model, load_model(args.model, device))]
+        if args.segae:
+            models.append(("segae (ViT-B/16)", segae_model(device)))
+        medians = {}
+        for label, model in models:
+            for name, image, mask in cases:
+                cold, warm = time_calls(model, image, mask, name, args.repeats)
+                medians[label, name] = statistics.median(warm)
+                print(f"{device:5s} {label:18s} {name:14s} cold {cold:7.3f} s   warm median {medians[label, name]:.3f} s"
+                      f"   best {min(warm):.3f} s   ({int(np.count_nonzero(mask))} voxels, 10 slices)")
+        if args.segae:
+            for name, _, _ in cases:
+                print(f"{device:5s} {name:14s} SegAE / {args.model}: "
+                      f"{medians['segae (ViT-B/16)', name] / medians[args.model, name]:.1f}x the time")
 
 if __name__ == "__main__":
     main()

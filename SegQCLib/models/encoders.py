@@ -72,6 +72,11 @@ __all__ = [
     "OneHotTextEncoder",
     "OpenCLIPTextEncoder",
     "OpenCLIPImageEncoder",
+    "openclip_vision_spec",
+    "build_openclip_vision_tower",
+    "load_openclip_vision_weights",
+    "openclip_preprocess",
+    "split_openclip_spec",
     "expand_structure_name",
     "text_encoder_from_spec",
     "read_state_dict",
@@ -611,6 +616,71 @@ def text_encoder_from_spec(spec: str, device: "str | None" = None) -> TextEncode
 # Image encoder
 # ----------------------------------------------------------------------------------------------
 
+def openclip_vision_spec(model_name: str) -> dict[str, Any]:
+    """Everything that rebuilds an open_clip vision tower and its preprocessing without its files.
+
+    ``model_name``: a built-in/registered open_clip name, a folder with ``open_clip_config.json``
+    (BiomedCLIP's layout) or a config ``.json``. Returns a JSON-serialisable dict: ``model`` (the
+    name given), ``embed_dim``, ``vision_cfg`` (timm weights never fetched), ``quick_gelu``,
+    ``image_size`` [h, w] in pixels, ``interpolation`` ("bicubic" or "bilinear"), ``mean`` and
+    ``std`` (3 floats each, for inputs in [0, 1]).
+    """
+    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+
+    cfg, overlay = _resolve_openclip_config(str(model_name))
+    vision_cfg = dict(cfg["vision_cfg"])
+    vision_cfg["timm_model_pretrained"] = False  # weights come from a checkpoint, never a download
+    vision_cfg["output_tokens"] = False
+    pre = merge_preprocess_dict(PreprocessCfg(), overlay)
+    size = vision_cfg.get("image_size", pre["size"])
+    image_size = [int(size), int(size)] if np.isscalar(size) else [int(s) for s in size]
+    return {"model": str(model_name), "embed_dim": int(cfg["embed_dim"]), "vision_cfg": vision_cfg,
+            "quick_gelu": bool(cfg.get("quick_gelu", False)), "image_size": image_size,
+            "interpolation": "bicubic" if pre.get("interpolation", "bicubic") == "bicubic" else "bilinear",
+            "mean": [float(m) for m in pre["mean"]], "std": [float(s) for s in pre["std"]]}
+
+
+def build_openclip_vision_tower(spec: dict[str, Any]) -> "torch.nn.Module":
+    """A freshly initialised open_clip vision tower from :func:`openclip_vision_spec`'s dict."""
+    from open_clip.model import _build_vision_tower  # builds only this tower (no text model)
+
+    try:
+        return _build_vision_tower(spec["embed_dim"], dict(spec["vision_cfg"]), spec.get("quick_gelu", False))
+    except Exception as err:
+        raise InputError(spec.get("model"), f"cannot build the open_clip vision tower ({type(err).__name__}: {err})") from err
+
+
+def load_openclip_vision_weights(tower: "torch.nn.Module", checkpoint: str | os.PathLike, model_name: str) -> Path:
+    """Load the vision tower's weights from a local checkpoint (a whole CLIP or its ``visual.`` part,
+    any layout :func:`read_state_dict` reads) strictly into ``tower``; returns the file's path."""
+    path = _checkpoint_file(checkpoint).resolve()
+    _load_tower(tower, _tower_state(read_state_dict(path), "visual"), path,
+                f"vision tower of open_clip model '{model_name}'")
+    return path
+
+
+def openclip_preprocess(x: "torch.Tensor", image_size: Sequence[int], interpolation: str,
+                        mean: "torch.Tensor", std: "torch.Tensor") -> "torch.Tensor":
+    """(n, 3, H, W) RGB in [0, 1] -> (n, 3, h, w): resized (anti-aliased, clamped to [0, 1]) to the
+    tower's ``image_size`` when it differs, then normalised with ``mean``/``std`` ((1, 3, 1, 1) each)."""
+    import torch.nn.functional as F
+
+    if tuple(x.shape[-2:]) != tuple(image_size):
+        x = F.interpolate(x, size=tuple(image_size), mode=interpolation, align_corners=False,
+                          antialias=True).clamp(0.0, 1.0)
+    return (x - mean) / std
+
+
+def split_openclip_spec(spec: str) -> tuple[str, str]:
+    """``"openclip:<model>:<checkpoint>"`` -> (model, checkpoint); the model part holds no colon
+    (a registered name or a local folder/config path), the checkpoint may."""
+    kind, _, rest = str(spec).partition(":")
+    model, sep, checkpoint = rest.partition(":")
+    if kind != "openclip" or not sep or not model or not checkpoint:
+        raise InputError(spec, "an open_clip image tower is given as 'openclip:<model>:<checkpoint>'")
+    return model, checkpoint
+
+
 class OpenCLIPImageEncoder:
     """Frozen vision tower of an open_clip model read from a local checkpoint.
 
@@ -628,32 +698,18 @@ class OpenCLIPImageEncoder:
                  device: "str | torch.device | None" = None, batch_size: int = 32):
         _offline()
         import torch
-        from open_clip.model import _build_vision_tower  # builds only this tower (no text model)
-        from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 
         self.model_name = str(model_name)
-        cfg, overlay = _resolve_openclip_config(self.model_name)
-        vision_cfg = dict(cfg["vision_cfg"])
-        vision_cfg["timm_model_pretrained"] = False  # weights come from our checkpoint
-        vision_cfg["output_tokens"] = False
-        path = _checkpoint_file(checkpoint).resolve()
-        self.checkpoint = str(path)
-        try:
-            tower = _build_vision_tower(cfg["embed_dim"], vision_cfg, cfg.get("quick_gelu", False))
-        except Exception as err:
-            raise InputError(self.model_name, f"cannot build the open_clip vision tower ({type(err).__name__}: {err})") from err
-        _load_tower(tower, _tower_state(read_state_dict(path), "visual"), path,
-                    f"vision tower of open_clip model '{self.model_name}'")
+        spec = openclip_vision_spec(self.model_name)
+        tower = build_openclip_vision_tower(spec)
+        self.checkpoint = str(load_openclip_vision_weights(tower, checkpoint, self.model_name))
         self.device = _pick_device(device)
         self.tower = _freeze(tower, self.device)
         self.batch_size = int(batch_size)
-
-        pre = merge_preprocess_dict(PreprocessCfg(), overlay)
-        size = vision_cfg.get("image_size", pre["size"])
-        self.image_size: tuple[int, int] = (int(size), int(size)) if np.isscalar(size) else tuple(int(s) for s in size)
-        self.interpolation = "bicubic" if pre.get("interpolation", "bicubic") == "bicubic" else "bilinear"
-        self.mean = tuple(float(m) for m in pre["mean"])
-        self.std = tuple(float(s) for s in pre["std"])
+        self.image_size: tuple[int, int] = tuple(spec["image_size"])
+        self.interpolation = spec["interpolation"]
+        self.mean = tuple(spec["mean"])
+        self.std = tuple(spec["std"])
         self._mean = torch.tensor(self.mean, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(self.std, device=self.device).view(1, 3, 1, 1)
         probe = torch.zeros((1, 3, *self.image_size))
@@ -663,7 +719,6 @@ class OpenCLIPImageEncoder:
     def preprocess(self, images: "torch.Tensor") -> "torch.Tensor":
         """(n, 3|1, H, W) in [0, 1] -> (n, 3, h, w) resized and normalised, on the encoder's device."""
         import torch
-        import torch.nn.functional as F
 
         if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] not in (1, 3):
             shape = tuple(images.shape) if hasattr(images, "shape") else type(images).__name__
@@ -671,10 +726,7 @@ class OpenCLIPImageEncoder:
         x = images.to(device=self.device, dtype=torch.float32)
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
-        if tuple(x.shape[-2:]) != self.image_size:
-            x = F.interpolate(x, size=self.image_size, mode=self.interpolation, align_corners=False,
-                              antialias=True).clamp_(0.0, 1.0)
-        return (x - self._mean) / self._std
+        return openclip_preprocess(x, self.image_size, self.interpolation, self._mean, self._std)
 
     def encode(self, images: "torch.Tensor", normalize: bool = False) -> "torch.Tensor":
         """Image embeddings (n, dim) float32 on the encoder's device (L2-normalised if ``normalize``)."""

@@ -347,12 +347,12 @@ def make_scheduler(config: NNQCConfig, kind: str = "ddpm"):
 
 def image_encoder_from_spec(spec: str, device: str | torch.device | None = None):
     """An :class:`~SegQCLib.models.encoders.OpenCLIPImageEncoder` from ``openclip:<model>:<checkpoint>``."""
-    from .encoders import OpenCLIPImageEncoder
+    from .encoders import OpenCLIPImageEncoder, split_openclip_spec
 
-    kind, _, rest = spec.partition(":")
-    model, sep, checkpoint = rest.partition(":")
-    if kind != "openclip" or not sep or not model or not checkpoint:
-        raise InputError(spec, "image encoder spec is 'dae' or 'openclip:<model>:<checkpoint>'")
+    try:
+        model, checkpoint = split_openclip_spec(spec)
+    except InputError:
+        raise InputError(spec, "image encoder spec is 'dae' or 'openclip:<model>:<checkpoint>'") from None
     return OpenCLIPImageEncoder(model, checkpoint, device=device)
 
 

@@ -34,7 +34,12 @@ ARCHITECTURE = "sentinel"
 class SentinelConfig:
     """Everything needed to rebuild a Sentinel model and its input pipeline (saved in the model card).
 
-    backbone: MONAI ResNet depth (resnet10/18/34/50), ``widen`` scales its channel widths.
+    backbone: MONAI ResNet depth (resnet10/18/34/50), ``widen`` scales its channel widths; or
+        ``"openclip:<model>:<checkpoint>"``, SegAE's mode: the vision tower of a local open_clip
+        model (e.g. BiomedCLIP) sees each view as the image with its mask blended in
+        (:func:`mask_overlay`); its architecture is kept in ``openclip`` (:func:`resolve_backbone`),
+        so a trained model loads from its card alone; ``freeze_backbone`` keeps the tower's
+        pretrained weights fixed (only the gates and the head train).
     size: side of the model input in pixels; margin_px: context kept around the mask's box, in
         input-grid pixels, before resizing. modality: "MR" (per-volume percentile scaling) or "CT"
         (HU clipped to ``ct_window``).
@@ -56,10 +61,16 @@ class SentinelConfig:
     ct_window: tuple[float, float] = (-200.0, 200.0)
     volume_slices: int = 10
     context_mm: float = 0.0
+    freeze_backbone: bool = False
+    openclip: dict[str, Any] | None = None
 
     @property
     def in_channels(self) -> int:
         return 4 if self.context_mm > 0 else 2
+
+    @property
+    def is_openclip(self) -> bool:
+        return self.backbone.startswith("openclip:")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -77,12 +88,12 @@ _DEPTHS = {"resnet10": ("basic", [1, 1, 1, 1]), "resnet18": ("basic", [2, 2, 2, 
            "resnet34": ("basic", [3, 4, 6, 3]), "resnet50": ("bottleneck", [3, 4, 6, 3])}
 
 
-def _encoder(backbone: str, widen: float, in_channels: int = 2) -> tuple[nn.Module, int]:
+def _resnet(backbone: str, widen: float, in_channels: int = 2) -> tuple[nn.Module, int]:
     """A 2D MONAI ResNet with a biased 7x7/2 stem (torchvision layout); returns it and its feature size."""
     from monai.networks.nets import ResNet
 
     if backbone not in _DEPTHS:
-        raise InputError(backbone, f"unknown backbone (choose {', '.join(_DEPTHS)})")
+        raise InputError(backbone, f"unknown backbone (choose {', '.join(_DEPTHS)} or openclip:<model>:<checkpoint>)")
     block, layers = _DEPTHS[backbone]
     net = ResNet(block, layers, [64, 128, 256, 512], spatial_dims=2, n_input_channels=in_channels, conv1_t_size=7,
                  conv1_t_stride=2, feed_forward=False, bias_downsample=False, widen_factor=widen)
@@ -91,12 +102,102 @@ def _encoder(backbone: str, widen: float, in_channels: int = 2) -> tuple[nn.Modu
     return net, int(512 * widen) * expansion
 
 
+def mask_overlay(image: torch.Tensor, mask: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
+    """SegAE's "image with its visualised segmentation mask": (n, 1, h, w) image and mask in [0, 1]
+    -> (n, 3, h, w) RGB in [0, 1], the grey image with the mask blended in red at ``alpha``."""
+    red = torch.tensor([1.0, 0.0, 0.0], dtype=image.dtype, device=image.device).view(1, 3, 1, 1)
+    weight = alpha * mask
+    return image.expand(-1, 3, -1, -1) * (1.0 - weight) + red * weight
+
+
+class OpenCLIPBackbone(nn.Module):
+    """An open_clip vision tower as the Sentinel encoder (SegAE): (n, 2 * views, s, s) -> (n, dim * views).
+
+    Each view's (image, mask) channel pair becomes one :func:`mask_overlay` RGB picture, resized and
+    normalised as the tower was pretrained (:func:`~SegQCLib.models.encoders.openclip_preprocess`);
+    the views go through the tower as one batch and their embeddings are concatenated. A frozen
+    tower stays in eval mode and runs without gradients.
+    """
+
+    def __init__(self, spec: dict[str, Any], views: int, frozen: bool = False):
+        super().__init__()
+        from .encoders import build_openclip_vision_tower
+
+        self.tower = build_openclip_vision_tower(spec)
+        self.views, self.frozen = int(views), bool(frozen)
+        self.image_size = tuple(spec["image_size"])
+        self.interpolation = spec["interpolation"]
+        self.register_buffer("mean", torch.tensor(spec["mean"], dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(spec["std"], dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        if self.frozen:
+            self.tower.requires_grad_(False)
+        with torch.no_grad():  # the embedding size (embed_dim with a projection, else the trunk's width)
+            self.tower.eval()
+            self.dim = int(self._embed(torch.zeros((1, 3, *self.image_size))).shape[1])
+
+    def train(self, mode: bool = True) -> "OpenCLIPBackbone":
+        super().train(mode)
+        if self.frozen:
+            self.tower.eval()
+        return self
+
+    def _embed(self, rgb: torch.Tensor) -> torch.Tensor:
+        from .encoders import openclip_preprocess
+
+        out = self.tower(openclip_preprocess(rgb, self.image_size, self.interpolation, self.mean, self.std))
+        return (out[0] if isinstance(out, tuple) else out).float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        rgb = torch.cat([mask_overlay(x[:, 2 * v:2 * v + 1], x[:, 2 * v + 1:2 * v + 2]) for v in range(self.views)])
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            feats = self._embed(rgb)  # (views * n, dim), view-major
+        return feats.view(self.views, n, -1).transpose(0, 1).reshape(n, -1)
+
+
+def resolve_backbone(config: SentinelConfig) -> SentinelConfig:
+    """Fill ``config.openclip`` from the model part of an ``openclip:<model>:<checkpoint>`` backbone
+    (reads the open_clip config, not the weights, and checks that the checkpoint is there, so a
+    wrong path fails before any data is built); a no-op for ResNets and resolved configs."""
+    if config.is_openclip and config.openclip is None:
+        from .encoders import _checkpoint_file, openclip_vision_spec, split_openclip_spec
+
+        model, checkpoint = split_openclip_spec(config.backbone)
+        config.openclip = openclip_vision_spec(model)
+        _checkpoint_file(checkpoint)
+    return config
+
+
+def load_backbone_checkpoint(net: "SentinelNet", config: SentinelConfig) -> Path:
+    """Load the pretrained tower weights of an ``openclip:<model>:<checkpoint>`` backbone into ``net``
+    (the start of SegAE training); returns the checkpoint's path."""
+    from .encoders import load_openclip_vision_weights, split_openclip_spec
+
+    if not isinstance(net.encoder, OpenCLIPBackbone):
+        raise InputError(config.backbone, "only an openclip backbone loads a pretrained checkpoint")
+    model, checkpoint = split_openclip_spec(config.backbone)
+    return load_openclip_vision_weights(net.encoder.tower, checkpoint, model)
+
+
+def _encoder(config: SentinelConfig) -> tuple[nn.Module, int]:
+    """The image encoder of ``config`` and its feature size."""
+    if not config.is_openclip:
+        return _resnet(config.backbone, config.widen, config.in_channels)
+    if config.openclip is None:
+        raise InputError(config.backbone, "open_clip backbone not resolved (call resolve_backbone first)")
+    try:
+        backbone = OpenCLIPBackbone(config.openclip, views=config.in_channels // 2, frozen=config.freeze_backbone)
+    except ImportError as err:
+        raise InputError(config.backbone, f"open_clip is not installed ({err}): pip install 'segqc[clip]'") from None
+    return backbone, backbone.dim * backbone.views
+
+
 class SentinelNet(nn.Module):
     """(n, C, size, size) slices + (n, text_dim) name embeddings -> (n,) predicted DSC (unclamped)."""
 
     def __init__(self, config: SentinelConfig):
         super().__init__()
-        self.encoder, feat = _encoder(config.backbone, config.widen, config.in_channels)
+        self.encoder, feat = _encoder(config)
         self.w1 = nn.Linear(feat + config.text_dim, feat)
         self.w2 = nn.Linear(feat + config.text_dim, config.hidden)
         self.g1 = nn.Linear(feat, config.hidden)

@@ -77,8 +77,10 @@ def card_extra(config: SentinelConfig, options, train_set: SampleSet, val_set: S
     """What a Sentinel model card says about its data, splits and training (besides measured metrics)."""
     from .sentinel_data import HELD_OUT_AAL, VAL_AAL
 
+    encoder = (f"SegAE, open_clip tower {config.openclip['model']}{' frozen' if config.freeze_backbone else ''}"
+               if config.is_openclip else f"{config.backbone} x{config.widen}")
     return {
-        "description": f"Quality Sentinel ({config.backbone} x{config.widen}, {config.size} px, context "
+        "description": f"Quality Sentinel ({encoder}, {config.size} px, context "
                        f"{config.context_mm:g} mm, {config.text_encoder} text) for brain MRI (T1)",
         "priority": 10,
         "data": {

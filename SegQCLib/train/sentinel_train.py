@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from ..models.sentinel import SentinelConfig, SentinelNet, area_weighted_mean, save_model
+from ..models.sentinel import (SentinelConfig, SentinelNet, area_weighted_mean, load_backbone_checkpoint,
+                               resolve_backbone, save_model)
 from .evaluation import agreement
 from .sentinel_data import KINDS, SampleSet
 
@@ -185,10 +186,12 @@ def text_table_for(names: list[str], encoder) -> torch.Tensor:
 
 
 def train(out_dir: str | Path, train_set: SampleSet, val_set: SampleSet, config: SentinelConfig,
-          options: TrainOptions, encoder, progress: bool = True, log=print) -> Path:
+          options: TrainOptions, encoder, progress: bool = True, log=print, device: str = "cpu") -> Path:
     """Train (resuming from ``out_dir/checkpoint.pt`` when present); returns the best model card path.
 
     The best epoch by validation volume-level LCC is saved as ``out_dir/best.{safetensors,json}``.
+    ``device``: where the network runs ("cpu" or "cuda"); batches are drawn and augmented on the CPU
+    with the seeded generator, so a run's samples do not depend on the device.
     """
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -198,8 +201,9 @@ def train(out_dir: str | Path, train_set: SampleSet, val_set: SampleSet, config:
         torch.set_num_threads(options.threads)
     torch.manual_seed(options.seed)
     generator = torch.Generator().manual_seed(options.seed)
-    net = SentinelNet(config)
-    optimiser = torch.optim.Adam(net.parameters(), lr=options.lr)
+    device = torch.device(device)
+    net = SentinelNet(resolve_backbone(config)).to(device)  # before the optimiser: its state follows the parameters
+    optimiser = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=options.lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=max(options.epochs, 1))
     start_epoch, best, history = 0, -math.inf, []
     checkpoint = out_dir / "checkpoint.pt"
@@ -212,6 +216,9 @@ def train(out_dir: str | Path, train_set: SampleSet, val_set: SampleSet, config:
         history = json.loads((out_dir / "history.json").read_text()) if (out_dir / "history.json").exists() else []
         generator.manual_seed(options.seed + start_epoch)
         log(f"resuming after epoch {start_epoch} (best val volume LCC {best:.4f})")
+    elif config.is_openclip:  # SegAE: start from the pretrained open_clip tower
+        log(f"open_clip vision tower from {load_backbone_checkpoint(net, config)}"
+            f"{' (frozen)' if config.freeze_backbone else ''}")
 
     train_text = text_table_for(train_set.names, encoder)
     mirror = torch.from_numpy(mirror_index(train_set.names)) if options.flip_names else None
@@ -246,7 +253,7 @@ def train(out_dir: str | Path, train_set: SampleSet, val_set: SampleSet, config:
                         names = torch.where(flipped, mirror[names], names)
                     text = train_text[names]
                     true = torch.from_numpy(train_set.dsc[idx]).float()
-                    pred = net(x, jitter_text(text, options.text_noise, generator))
+                    pred = net(x.to(device), jitter_text(text, options.text_noise, generator).to(device)).cpu()
                     w = weights_per_bin[torch.clamp((true * options.bins).long(), 0, options.bins - 1)]
                     loss = (w * (pred - true) ** 2).mean()
                     if options.rank_weight:
@@ -258,7 +265,7 @@ def train(out_dir: str | Path, train_set: SampleSet, val_set: SampleSet, config:
                     running = 0.98 * running + 0.02 * loss.item() if b else loss.item()
                     bar.update(task, advance=1, loss=running)
                 scheduler.step()
-                report = evaluate_predictions(val_set, predict_set(net, val_set, val_text))
+                report = evaluate_predictions(val_set, predict_set(net, val_set, val_text, device=str(device)))
                 score = report["volume"]["lcc"]
                 history.append({"epoch": epoch + 1, "loss": running, "seconds": time.perf_counter() - started,
                                 "val_slice": report["slice"], "val_volume": report["volume"]})
