@@ -392,7 +392,13 @@ app.add_typer(train_app, name="train")
 @train_app.command("sentinel")
 def train_sentinel_cmd(
     out: Path = typer.Option(Path("runs/sentinel"), "--out", help="Run folder: data cache, checkpoints, best model."),
-    name: str = typer.Option("sentinel-brain-mr", "--name", help="Name of the trained model."),
+    dataset: Optional[Path] = typer.Option(None, "--dataset", help="Train on your own labelled dataset (MSD / nnU-Net "
+                                           "folder with dataset.json, or a CSV of pairs) instead of the built-in brain "
+                                           "MRI, split by subject into train / val / test."),
+    val_fraction: float = typer.Option(0.15, "--val-fraction", help="With --dataset: share of subjects for validation."),
+    test_fraction: float = typer.Option(0.15, "--test-fraction", help="With --dataset: share of subjects held out for the test."),
+    name: Optional[str] = typer.Option(None, "--name", help="Name of the trained model (default: sentinel-brain-mr, "
+                                       "or sentinel-<dataset folder> with --dataset)."),
     epochs: int = typer.Option(12, "--epochs"),
     batch_size: int = typer.Option(64, "--batch-size"),
     lr: float = typer.Option(1e-3, "--lr"),
@@ -427,7 +433,9 @@ def train_sentinel_cmd(
     from .models.encoders import OneHotTextEncoder, text_encoder_from_spec
     from .models.sentinel import SentinelConfig, resolve_backbone
     from .qc import resolve_device
-    from .train.sentinel_cli import card_extra, evaluate_model, format_report, sample_set, write_card
+    from .models.sentinel import load_model as load_sentinel
+    from .train import sentinel_dataset
+    from .train.sentinel_cli import card_extra, evaluate_model, evaluate_sets, format_report, sample_set, write_card
     from .train.sentinel_train import TrainOptions, train
 
     data_dir = out / "data"
@@ -442,8 +450,16 @@ def train_sentinel_cmd(
         raise InputError("--intensity-prob", f"must be in [0, 1], got {intensity_prob}")
     if text_noise < 0:
         raise InputError("--text-noise", f"must be >= 0, got {text_noise}")
-    train_set = sample_set(data_dir, "train", config, per_band, algorithmic, log=console.print, strip_prob=strip_prob)
-    val_set = sample_set(data_dir, "val", config, per_band, algorithmic, log=console.print)
+    if dataset is not None and strip_prob > 0:
+        raise InputError("--strip-prob", "skull-stripped views exist for the built-in brain MRI only, not with --dataset")
+    if dataset is None:
+        train_set = sample_set(data_dir, "train", config, per_band, algorithmic, log=console.print, strip_prob=strip_prob)
+        val_set = sample_set(data_dir, "val", config, per_band, algorithmic, log=console.print)
+    else:
+        config = sentinel_dataset.dataset_config(dataset, config)
+        split_ids, train_set, val_set = sentinel_dataset.training_sets(
+            dataset, data_dir, config, per_band, algorithmic, val_fraction, test_fraction, seed, log=console.print)
+    name = name or ("sentinel-brain-mr" if dataset is None else f"sentinel-{dataset.stem.lower()}")
     if text_encoder == "onehot":
         encoder = OneHotTextEncoder(sorted(set(train_set.names) | set(val_set.names)))
     else:
@@ -452,9 +468,16 @@ def train_sentinel_cmd(
     options = TrainOptions(epochs=epochs, batch_size=batch_size, lr=lr, rank_weight=rank_weight, seed=seed,
                            intensity_prob=intensity_prob, text_noise=text_noise, flip_names=flip_names)
     best = train(out, train_set, val_set, config, options, encoder, log=console.print, device=device)
-    results = evaluate_model(best, data_dir, device=device, log=console.print)
+    if dataset is None:
+        results = evaluate_model(best, data_dir, device=device, log=console.print)
+        extra = card_extra(config, options, train_set, val_set, strip_prob)
+    else:
+        held_out = sentinel_dataset.test_set(dataset, data_dir, config, split_ids["test"], split_ids["train"],
+                                             per_band, algorithmic, log=console.print)
+        results = evaluate_sets(load_sentinel(best, device), {"test": held_out})
+        extra = sentinel_dataset.dataset_card_extra(config, options, dataset, split_ids, train_set, val_set,
+                                                    per_band, algorithmic)
     console.print(format_report(results))
-    extra = card_extra(config, options, train_set, val_set, strip_prob)
     card = write_card(best, out / name, name, results, extra)
     console.print(f"model card: {card}")
     if install:
@@ -530,6 +553,9 @@ def eval_cmd(
     model: str = typer.Argument(..., help="Installed model name or a model card (.json)."),
     data: Path = typer.Option(Path("runs/eval-data"), "--data", help="Cache folder of the evaluation samples."),
     split: List[str] = typer.Option(["test-subject", "test-structures"], "--split", help="Held-out split(s)."),
+    dataset: Optional[Path] = typer.Option(None, "--dataset", help="Sentinel models: evaluate on a labelled dataset "
+                                           "(MSD / nnU-Net folder or CSV of pairs): its held-out subjects if the "
+                                           "model was trained on it, else every subject."),
     device: str = typer.Option("auto", "--device"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the numbers as JSON here."),
 ) -> None:
@@ -548,10 +574,18 @@ def eval_cmd(
         card = found[0]
     _check_new_output(json_out, (card,))
     try:
-        architecture = json.loads(card.read_text()).get("architecture")
+        card_data = json.loads(card.read_text())
+        architecture = card_data.get("architecture")
     except (OSError, ValueError):
         raise InputError(card, "is not a readable model card (JSON)") from None
-    if architecture == "qanet":
+    if dataset is not None and architecture != "sentinel":
+        raise InputError("--dataset", f"only Sentinel models are evaluated on a dataset ({card.name} is {architecture})")
+    if dataset is not None:
+        from .train.sentinel_dataset import evaluate_on_dataset
+
+        results = evaluate_on_dataset(card, dataset, data, resolve_device(device), log=console.print)
+        console.print(format_report(results))
+    elif architecture == "qanet":
         from .train import qanet_cli
 
         results = qanet_cli.evaluate_qanet(card, None if data == Path("runs/eval-data") else data,

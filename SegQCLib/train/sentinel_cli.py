@@ -44,15 +44,20 @@ def evaluate_model(card_or_model, data_dir: Path, splits=EVAL_SPLITS, device: st
                    progress: bool = True, log=print) -> dict[str, Any]:
     """Evaluate a Sentinel model (card path or loaded SentinelQC) on held-out splits."""
 
+    model = load_model(card_or_model, device) if isinstance(card_or_model, (str, Path)) else card_or_model
+    return evaluate_sets(model, {split: sample_set(data_dir, split, model.config, progress=progress, log=log)
+                                 for split in splits})
+
+
+def evaluate_sets(model, sets: dict[str, SampleSet]) -> dict[str, Any]:
+    """Slice- and volume-level agreement (LCC, SROCC, MAE, MAP@k, by kind) of a loaded Sentinel
+    model on each named sample set."""
     from .sentinel_train import evaluate_predictions, predict_set, text_table_for
 
-    model = load_model(card_or_model, device) if isinstance(card_or_model, (str, Path)) else card_or_model
     results = {}
-    for split in splits:
-        samples = sample_set(data_dir, split, model.config, progress=progress, log=log)
+    for split, samples in sets.items():
         table = text_table_for(samples.names, model.text_encoder)
-        pred = predict_set(model.net, samples, table, device=str(model.device))
-        report = evaluate_predictions(samples, pred)
+        report = evaluate_predictions(samples, predict_set(model.net, samples, table, device=str(model.device)))
         report.pop("volume_pred")
         results[split] = report
     return results
@@ -72,16 +77,20 @@ def format_report(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def describe_network(config: SentinelConfig) -> str:
+    """"resnet18 x0.5, 96 px, context 128 mm, minilm text" (or the SegAE tower): for card descriptions."""
+    encoder = (f"SegAE, open_clip tower {config.openclip['model']}{' frozen' if config.freeze_backbone else ''}"
+               if config.is_openclip else f"{config.backbone} x{config.widen}")
+    return f"{encoder}, {config.size} px, context {config.context_mm:g} mm, {config.text_encoder} text"
+
+
 def card_extra(config: SentinelConfig, options, train_set: SampleSet, val_set: SampleSet,
                strip_prob: float = 0.0) -> dict[str, Any]:
     """What a Sentinel model card says about its data, splits and training (besides measured metrics)."""
     from .sentinel_data import HELD_OUT_AAL, VAL_AAL
 
-    encoder = (f"SegAE, open_clip tower {config.openclip['model']}{' frozen' if config.freeze_backbone else ''}"
-               if config.is_openclip else f"{config.backbone} x{config.widen}")
     return {
-        "description": f"Quality Sentinel ({encoder}, {config.size} px, context "
-                       f"{config.context_mm:g} mm, {config.text_encoder} text) for brain MRI (T1)",
+        "description": f"Quality Sentinel ({describe_network(config)}) for brain MRI (T1)",
         "priority": 10,
         "data": {
             "source": "Colin27 T1 + AAL/Brodmann atlases and brain mask (Debian mricron-data); MNI152 2009 sym "
@@ -120,4 +129,4 @@ def write_card(best_json: Path, out: Path, name: str, results: dict[str, Any], e
     return out.with_suffix(".json")
 
 
-__all__ = ["sample_set", "evaluate_model", "format_report", "write_card", "KINDS"]
+__all__ = ["sample_set", "evaluate_model", "evaluate_sets", "format_report", "write_card", "KINDS"]

@@ -146,8 +146,10 @@ def _good_mask(truth: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def _masks_for(subject: LabelledSubject, structure: str, others: list[str], rng: np.random.Generator,
-               per_band: int, algorithmic: int, kinds: tuple[str, ...]) -> Iterator[tuple[str, np.ndarray]]:
-    """(kind, mask) sample masks of one structure, of the given kinds."""
+               per_band: int, algorithmic: int, kinds: tuple[str, ...],
+               atlases: list[LabelledSubject] | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """(kind, mask) sample masks of one structure, of the given kinds (``atlases``: see
+    :func:`~SegQCLib.data.algorithmic.algorithmic_segmentations`)."""
     truth = subject.segmentation.mask(structure)
     if "degraded" in kinds:
         for band in range(len(DSC_BANDS)):
@@ -166,7 +168,7 @@ def _masks_for(subject: LabelledSubject, structure: str, others: list[str], rng:
             from ..data.algorithmic import algorithmic_segmentations
         except ImportError:
             return
-        for _, mask, _ in algorithmic_segmentations(subject, structure, rng, algorithmic):
+        for _, mask, _ in algorithmic_segmentations(subject, structure, rng, algorithmic, atlases=atlases):
             yield "algorithmic", np.asarray(mask, bool)
 
 
@@ -206,7 +208,9 @@ def _view(subject: LabelledSubject, brain: np.ndarray | None, radius_mm: float |
 
 def build_samples(split: str, config: SentinelConfig, seed: int = 0, per_band: int = 3, extra_slices: int = 6,
                   algorithmic: int = 2, progress: bool = True, structures: list[str] | None = None,
-                  kinds: tuple[str, ...] = KINDS, strip_prob: float = 0.0) -> SampleSet:
+                  kinds: tuple[str, ...] = KINDS, strip_prob: float = 0.0,
+                  pairs: list[tuple[LabelledSubject, str]] | None = None,
+                  atlases: list[LabelledSubject] | None = None) -> SampleSet:
     """Generate the sample set of ``split`` (see module docstring), seeded.
 
     per_band: degraded volumes per DSC band and structure; extra_slices: random slices of
@@ -214,12 +218,15 @@ def build_samples(split: str, config: SentinelConfig, seed: int = 0, per_band: i
     strip_prob: chance that a sample volume shows its subject's image skull-stripped (its own
     brain mask dilated by one of :data:`STRIP_RADII_MM`, then normalised on its own), where the
     subject has a brain mask: skull-stripped inputs are common, and the test subject MNI152 is one.
+    pairs: (subject, structure) pairs to use instead of the split's own (a user's dataset, see
+    ``sentinel_dataset``; ``split`` then only names the progress bar); atlases: subjects whose
+    labels are registered onto each subject for the algorithmic masks (None: the built-in ones).
     """
     from rich.progress import Progress
 
     rng = np.random.default_rng(seed)
     strip_rng = np.random.default_rng([seed, 1])  # its own stream: stripping never changes the masks drawn
-    pairs = split_structures(split)
+    pairs = split_structures(split) if pairs is None else pairs
     if structures:
         pairs = [p for p in pairs if p[1] in structures]
     names: list[str] = []
@@ -239,7 +246,8 @@ def build_samples(split: str, config: SentinelConfig, seed: int = 0, per_band: i
             if shown not in names:
                 names.append(shown)
             others = [s.name for s in subject.segmentation.segments if s.name != structure]
-            for kind, mask in _masks_for(subject, structure, others, rng, per_band, algorithmic, kinds):
+            atlases_here = None if atlases is None else [a for a in atlases if a.subject != subject.subject]
+            for kind, mask in _masks_for(subject, structure, others, rng, per_band, algorithmic, kinds, atlases_here):
                 radius = None
                 if brain is not None and strip_rng.random() < strip_prob:
                     radius = float(strip_rng.choice(STRIP_RADII_MM))

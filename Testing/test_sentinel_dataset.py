@@ -1,0 +1,131 @@
+"""Quality Sentinel trained and evaluated on a user's own labelled dataset (``--dataset``).
+
+The dataset is an MSD folder of our procedural CT phantom (``SegQCLib.data.phantom``): real files,
+read by the same reader as any user's MSD / nnU-Net folder.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from SegQCLib.cli import main
+from SegQCLib.data.cases import read_dataset
+from SegQCLib.data.phantom import HU, ORGANS, ct_phantom, write_phantom_dataset
+from SegQCLib.errors import InputError
+from SegQCLib.train.sentinel_dataset import split_subjects, subject_of
+
+SMALL = {"shape": (16, 48, 48), "spacing": (12.5, 8.0, 8.0)}
+
+
+def test_phantom_subjects_vary_and_organs_have_their_hu() -> None:
+    image, labels = ct_phantom(3)
+    again, labels_again = ct_phantom(3)
+    np.testing.assert_array_equal(image.array, again.array)  # seeded
+    other = ct_phantom(4)[1].labelmap
+    assert (labels.labelmap != other).mean() > 0.01  # another subject, other organs
+    assert [s.name for s in labels.segments] == list(ORGANS.values())
+    for value, name in ORGANS.items():
+        mask = labels.labelmap == value
+        assert mask.sum() > 200, name
+        tissue = "kidney" if "kidney" in name else name
+        core = mask & np.roll(mask, 1, 1) & np.roll(mask, -1, 1) & np.roll(mask, 1, 2) & np.roll(mask, -1, 2)
+        assert abs(float(np.median(image.array[core])) - HU[tissue]) < 30, name
+    # the patient's left (+x) holds the spleen, the right the liver
+    x = np.arange(image.shape[2])
+    assert (labels.labelmap == 2).any(axis=(0, 1)) @ x / (labels.labelmap == 2).any(axis=(0, 1)).sum() > image.shape[2] / 2
+    assert (labels.labelmap == 1).any(axis=(0, 1)) @ x / (labels.labelmap == 1).any(axis=(0, 1)).sum() < image.shape[2] / 2
+
+
+def test_phantom_dataset_is_an_msd_folder_and_is_not_overwritten(tmp_path: Path) -> None:
+    folder = write_phantom_dataset(tmp_path / "ds", 3, seed=1, **SMALL)
+    cases = read_dataset(folder)
+    assert [c.case_id for c in cases] == ["phantom_000", "phantom_001", "phantom_002"]
+    image, seg = cases[0].load()
+    assert image.shape == SMALL["shape"] and image.spacing == SMALL["spacing"]
+    assert [s.name for s in seg.segments] == list(ORGANS.values())
+    with pytest.raises(InputError, match="exists and is not empty"):
+        write_phantom_dataset(folder, 2, **SMALL)
+
+
+def test_split_by_subject_is_disjoint_seeded_and_needs_three_subjects() -> None:
+    ids = [f"s{i}" for i in range(10)]
+    split = split_subjects(ids, 0.15, 0.15, seed=0)
+    assert [len(split[k]) for k in ("train", "val", "test")] == [6, 2, 2]
+    assert sorted(split["train"] + split["val"] + split["test"]) == sorted(ids)
+    assert split == split_subjects(list(reversed(ids)), 0.15, 0.15, seed=0)  # order of the cases does not matter
+    assert split != split_subjects(ids, 0.15, 0.15, seed=1)
+    assert [len(v) for v in split_subjects(ids[:3]).values()] == [1, 1, 1]
+    with pytest.raises(InputError, match="at least 3 subjects"):
+        split_subjects(["a", "b", "a"])
+    with pytest.raises(InputError, match="fractions"):
+        split_subjects(ids, 0.6, 0.5)
+
+
+def test_cases_of_one_subject_stay_together(tmp_path: Path) -> None:
+    from SegQCLib.data.cases import Case
+
+    cases = [Case(f"c{i}", tmp_path / "i", tmp_path / "s", subject=f"p{i // 2}") for i in range(8)]
+    split = split_subjects([subject_of(c) for c in cases])
+    assert sum(len(v) for v in split.values()) == 4
+    assert subject_of(Case("lonely", tmp_path / "i", tmp_path / "s")) == "lonely"
+
+
+TRAIN_ARGS = ["--epochs", "3", "--per-band", "1", "--algorithmic", "1", "--size", "32", "--context-mm", "0",
+              "--backbone", "resnet10", "--widen", "0.25", "--text-encoder", "onehot", "--batch-size", "16",
+              "--device", "cpu"]
+
+
+def test_train_and_eval_on_a_dataset(tmp_path: Path) -> None:
+    dataset = write_phantom_dataset(tmp_path / "Phantom", 6, seed=0, **SMALL)
+    out = tmp_path / "run"
+    assert main(["train", "sentinel", "--dataset", str(dataset), "--out", str(out), *TRAIN_ARGS]) == 0
+    card_path = out / "sentinel-phantom.json"
+    card = json.loads(card_path.read_text())
+    subjects = card["data"]["subjects"]
+    assert sorted(subjects["train"] + subjects["val"] + subjects["test"]) == [f"phantom_{i:03d}" for i in range(6)]
+    assert len(subjects["test"]) == 1 and len(subjects["val"]) == 1
+    assert card["config"]["modality"] == "CT" and "Phantom" in card["description"]
+    assert card["data"]["structures"] == sorted(ORGANS.values())
+    test = card["metrics"]["test"]
+    # one held-out subject: 4 organs x (5 bands + good + empty + wrong + algorithmic, one of each) volumes
+    assert test["volume"]["n"] == 4 * 9
+    assert set(test["by_kind"]) == {"degraded", "good", "empty", "wrong", "algorithmic"}
+    print("held-out phantom subject:", {k: test["volume"][k] for k in ("lcc", "srocc", "mae")})
+
+    # eval on the same dataset scores the card's held-out subject: the very numbers of the card
+    report = tmp_path / "eval.json"
+    assert main(["eval", str(card_path), "--dataset", str(dataset), "--data", str(out / "data"),
+                 "--device", "cpu", "--json", str(report)]) == 0
+    again = json.loads(report.read_text())
+    assert set(again) == {"test"}
+    # (the card was measured on the float32 weights, the shipped card holds float16 ones)
+    assert again["test"]["volume"] == pytest.approx(test["volume"], abs=5e-3, nan_ok=True)
+
+    # on another dataset every subject is scored
+    other = write_phantom_dataset(tmp_path / "Other", 3, seed=5, **SMALL)
+    report2 = tmp_path / "eval2.json"
+    assert main(["eval", str(card_path), "--dataset", str(other), "--data", str(tmp_path / "d2"),
+                 "--device", "cpu", "--json", str(report2)]) == 0
+    assert json.loads(report2.read_text())["dataset"]["volume"]["n"] == 3 * 4 * 9
+
+
+def test_dataset_training_refuses_bad_input(tmp_path: Path, capsys) -> None:
+    two = write_phantom_dataset(tmp_path / "Two", 2, **SMALL)
+    assert main(["train", "sentinel", "--dataset", str(two), "--out", str(tmp_path / "r1"), *TRAIN_ARGS]) == 2
+    assert "at least 3 subjects" in capsys.readouterr().err
+    three = write_phantom_dataset(tmp_path / "Three", 3, **SMALL)
+    assert main(["train", "sentinel", "--dataset", str(three), "--strip-prob", "0.3",
+                 "--out", str(tmp_path / "r2"), *TRAIN_ARGS]) == 2
+    assert "built-in brain MRI only" in capsys.readouterr().err
+    # the shipped brain MRI model is not scored on a CT dataset
+    assert main(["eval", "sentinel-brain-mr", "--dataset", str(three), "--data", str(tmp_path / "d")]) == 2
+    assert "is a CT dataset; the model was trained on MR" in capsys.readouterr().err
+    meta = json.loads((three / "dataset.json").read_text())
+    del meta["labels"]
+    (three / "dataset.json").write_text(json.dumps(meta))
+    assert main(["train", "sentinel", "--dataset", str(three), "--out", str(tmp_path / "r3"), *TRAIN_ARGS]) == 2
+    assert "label names" in capsys.readouterr().err
+    assert not (tmp_path / "r3" / "data").exists() or not any((tmp_path / "r3" / "data").iterdir())
