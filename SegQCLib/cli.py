@@ -392,11 +392,19 @@ app.add_typer(train_app, name="train")
 @train_app.command("sentinel")
 def train_sentinel_cmd(
     out: Path = typer.Option(Path("runs/sentinel"), "--out", help="Run folder: data cache, checkpoints, best model."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Cache folder of the samples (default OUT/data; "
+                                            "runs sharing one build their samples once)."),
     dataset: Optional[Path] = typer.Option(None, "--dataset", help="Train on your own labelled dataset (MSD / nnU-Net "
                                            "folder with dataset.json, or a CSV of pairs) instead of the built-in brain "
                                            "MRI, split by subject into train / val / test."),
     val_fraction: float = typer.Option(0.15, "--val-fraction", help="With --dataset: share of subjects for validation."),
     test_fraction: float = typer.Option(0.15, "--test-fraction", help="With --dataset: share of subjects held out for the test."),
+    train_subjects: Optional[int] = typer.Option(None, "--train-subjects", help="With --dataset: train on only this "
+                                                 "many of the split's training subjects (a learning curve; val and "
+                                                 "test unchanged)."),
+    synthetic_subjects: int = typer.Option(0, "--synthetic-subjects", help="With --dataset: add this many randomly "
+                                           "warped copies of each training subject (anatomy and intensities; "
+                                           "benchmarks/sentinel_phantom.md)."),
     name: Optional[str] = typer.Option(None, "--name", help="Name of the trained model (default: sentinel-brain-mr, "
                                        "or sentinel-<dataset folder> with --dataset)."),
     epochs: int = typer.Option(12, "--epochs"),
@@ -438,7 +446,7 @@ def train_sentinel_cmd(
     from .train.sentinel_cli import card_extra, evaluate_model, evaluate_sets, format_report, sample_set, write_card
     from .train.sentinel_train import TrainOptions, train
 
-    data_dir = out / "data"
+    data_dir = data_dir or out / "data"
     if freeze_backbone and not backbone.startswith("openclip:"):
         raise InputError("--freeze-backbone", "only an openclip:<model>:<checkpoint> backbone is pretrained")
     device = resolve_device(device)
@@ -450,6 +458,11 @@ def train_sentinel_cmd(
         raise InputError("--intensity-prob", f"must be in [0, 1], got {intensity_prob}")
     if text_noise < 0:
         raise InputError("--text-noise", f"must be >= 0, got {text_noise}")
+    if dataset is None and (train_subjects is not None or synthetic_subjects):
+        raise InputError("--train-subjects" if train_subjects is not None else "--synthetic-subjects",
+                         "applies to --dataset only")
+    if synthetic_subjects < 0:
+        raise InputError("--synthetic-subjects", f"must be >= 0, got {synthetic_subjects}")
     if dataset is not None and strip_prob > 0:
         raise InputError("--strip-prob", "skull-stripped views exist for the built-in brain MRI only, not with --dataset")
     if dataset is None:
@@ -457,8 +470,9 @@ def train_sentinel_cmd(
         val_set = sample_set(data_dir, "val", config, per_band, algorithmic, log=console.print)
     else:
         config = sentinel_dataset.dataset_config(dataset, config)
-        split_ids, train_set, val_set = sentinel_dataset.training_sets(
-            dataset, data_dir, config, per_band, algorithmic, val_fraction, test_fraction, seed, log=console.print)
+        split_ids, atlases, train_set, val_set = sentinel_dataset.training_sets(
+            dataset, data_dir, config, per_band, algorithmic, val_fraction, test_fraction, seed, train_subjects,
+            synthetic_subjects, log=console.print)
     name = name or ("sentinel-brain-mr" if dataset is None else f"sentinel-{dataset.stem.lower()}")
     if text_encoder == "onehot":
         encoder = OneHotTextEncoder(sorted(set(train_set.names) | set(val_set.names)))
@@ -472,10 +486,10 @@ def train_sentinel_cmd(
         results = evaluate_model(best, data_dir, device=device, log=console.print)
         extra = card_extra(config, options, train_set, val_set, strip_prob)
     else:
-        held_out = sentinel_dataset.test_set(dataset, data_dir, config, split_ids["test"], split_ids["train"],
+        held_out = sentinel_dataset.test_set(dataset, data_dir, config, split_ids["test"], atlases,
                                              per_band, algorithmic, log=console.print)
         results = evaluate_sets(load_sentinel(best, device), {"test": held_out})
-        extra = sentinel_dataset.dataset_card_extra(config, options, dataset, split_ids, train_set, val_set,
+        extra = sentinel_dataset.dataset_card_extra(config, options, dataset, split_ids, atlases, train_set, val_set,
                                                     per_band, algorithmic)
     console.print(format_report(results))
     card = write_card(best, out / name, name, results, extra)

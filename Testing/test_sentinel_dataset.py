@@ -16,6 +16,7 @@ from SegQCLib.data.cases import read_dataset
 from SegQCLib.data.phantom import HU, ORGANS, ct_phantom, write_phantom_dataset
 from SegQCLib.errors import InputError
 from SegQCLib.train.sentinel_dataset import split_subjects, subject_of
+from SegQCLib.metrics import dice
 
 SMALL = {"shape": (16, 48, 48), "spacing": (12.5, 8.0, 8.0)}
 
@@ -37,6 +38,24 @@ def test_phantom_subjects_vary_and_organs_have_their_hu() -> None:
     x = np.arange(image.shape[2])
     assert (labels.labelmap == 2).any(axis=(0, 1)) @ x / (labels.labelmap == 2).any(axis=(0, 1)).sum() > image.shape[2] / 2
     assert (labels.labelmap == 1).any(axis=(0, 1)) @ x / (labels.labelmap == 1).any(axis=(0, 1)).sum() < image.shape[2] / 2
+
+
+def test_a_warped_subject_is_another_subject_with_exact_labels() -> None:
+    from SegQCLib.data.sources import LabelledSubject
+    from SegQCLib.data.synthetic_subjects import warped_subject
+
+    image, labels = ct_phantom(0, **SMALL)
+    subject = LabelledSubject("p0", image, labels, "phantom", "CT")
+    one, again, two = warped_subject(subject, 1), warped_subject(subject, 1), warped_subject(subject, 2)
+    np.testing.assert_array_equal(one.image.array, again.image.array)  # seeded
+    assert one.subject == "p0+warp1" and one.image.grid == image.grid and one.modality == "CT"
+    assert set(np.unique(one.segmentation.labelmap)) == set(np.unique(labels.labelmap))  # exact labels, none made up
+    for name in ORGANS.values():
+        overlap = dice(one.segmentation.mask(name), labels.mask(name))
+        assert 0.3 < overlap < 0.98, (name, overlap)  # moved, not destroyed
+        assert dice(one.segmentation.mask(name), two.segmentation.mask(name)) < 0.98
+    liver = one.segmentation.mask("liver")
+    assert abs(float(np.median(one.image.array[liver])) - HU["liver"]) < 40  # the tissue moves with its label
 
 
 def test_phantom_dataset_is_an_msd_folder_and_is_not_overwritten(tmp_path: Path) -> None:
@@ -103,6 +122,18 @@ def test_train_and_eval_on_a_dataset(tmp_path: Path) -> None:
     assert set(again) == {"test"}
     # (the card was measured on the float32 weights, the shipped card holds float16 ones)
     assert again["test"]["volume"] == pytest.approx(test["volume"], abs=5e-3, nan_ok=True)
+
+    # a learning-curve point: fewer training subjects, the very same held-out samples
+    fewer = tmp_path / "fewer"
+    assert main(["train", "sentinel", "--dataset", str(dataset), "--out", str(fewer), "--train-subjects", "1",
+                 "--synthetic-subjects", "2", *TRAIN_ARGS]) == 0
+    small = json.loads((fewer / "sentinel-phantom.json").read_text())
+    assert small["data"]["subjects"]["train"] == subjects["train"][:1]
+    assert small["data"]["atlas_subjects"] == subjects["train"] and small["data"]["subjects"]["test"] == subjects["test"]
+    assert card["data"]["train_volumes"] == 4 * 4 * 9  # 4 training subjects, 4 organs, 9 masks each
+    assert small["data"]["train_volumes"] == 3 * 4 * 9  # 1 subject and its 2 warped copies
+    for kind, row in card["metrics"]["test"]["by_kind"].items():
+        assert small["metrics"]["test"]["by_kind"][kind]["mean_true"] == pytest.approx(row["mean_true"])
 
     # on another dataset every subject is scored
     other = write_phantom_dataset(tmp_path / "Other", 3, seed=5, **SMALL)

@@ -86,13 +86,17 @@ def dataset_tag(path: str | Path, cases: Sequence[Case]) -> str:
 
 def dataset_samples(path: str | Path, subjects: Sequence[str], atlas_subjects: Sequence[str], config: SentinelConfig,
                     seed: int = 0, per_band: int = 3, algorithmic: int = 4, extra_slices: int = 0,
-                    progress: bool = True, log=print) -> SampleSet:
+                    synthetic: int = 0, progress: bool = True, log=print) -> SampleSet:
     """The samples of every labelled structure of every case of ``subjects``, seeded per case.
 
     Algorithmic masks register the labels of up to :data:`ATLASES_PER_SUBJECT` cases of
     ``atlas_subjects`` (the training subjects; never the case's own subject) onto each case. Cases
-    are read one at a time (only the atlases stay in memory).
+    are read one at a time (only the atlases stay in memory). ``synthetic``: also that many
+    :func:`~SegQCLib.data.synthetic_subjects.warped_subject` copies of each case, each sampled as a
+    subject of its own (its original is not among its atlases).
     """
+    from ..data.synthetic_subjects import warped_subject
+
     cases = dataset_cases(path)
     modality = dataset_modality(path)
     wanted = set(subjects)
@@ -111,9 +115,13 @@ def dataset_samples(path: str | Path, subjects: Sequence[str], atlas_subjects: S
             log(f"{case.case_id}: no labelled structure, skipped")
             continue
         others = [a for a in atlases if a.subject != subject.subject][:ATLASES_PER_SUBJECT]
-        sets.append(build_samples(f"{case.case_id}", config, seed=seed * 100_003 + index, per_band=per_band,
-                                  extra_slices=extra_slices, algorithmic=algorithmic, progress=progress,
-                                  pairs=[(subject, s) for s in structures], atlases=others))
+        case_seed = seed * 100_003 + index
+        for copy in range(synthetic + 1):  # copy 0: the case itself, with the seed it always had
+            shown = subject if copy == 0 else warped_subject(subject, seed=case_seed * 1_000 + copy)
+            sets.append(build_samples(case.case_id + (f"+warp{copy}" if copy else ""), config,
+                                      seed=case_seed if copy == 0 else case_seed * 1_000 + copy,
+                                      per_band=per_band, extra_slices=extra_slices, algorithmic=algorithmic,
+                                      progress=progress, pairs=[(shown, s) for s in structures], atlases=others))
     if not sets:
         raise InputError(path, "no case with a labelled structure")
     return SampleSet.concat(sets)
@@ -128,18 +136,21 @@ def dataset_config(path: str | Path, config: SentinelConfig) -> SentinelConfig:
 
 def cached_dataset_samples(data_dir: Path, path: str | Path, split: str, subjects: Sequence[str],
                            atlas_subjects: Sequence[str], config: SentinelConfig, seed: int, per_band: int,
-                           algorithmic: int, training: bool, progress: bool = True, log=print) -> SampleSet:
+                           algorithmic: int, training: bool, synthetic: int = 0, progress: bool = True,
+                           log=print) -> SampleSet:
     """:func:`dataset_samples` built once per (dataset, split, input geometry) and cached in ``data_dir``."""
     cases = dataset_cases(path)
-    tag = (f"dataset-{dataset_tag(path, cases)}-{split}-{hashlib.sha1(' '.join(sorted(subjects)).encode()).hexdigest()[:6]}"
-           f"-s{config.size}-m{config.margin_px}-c{config.context_mm:g}-{config.modality}-b{per_band}-a{algorithmic}")
+    who = hashlib.sha1(json.dumps([sorted(subjects), sorted(atlas_subjects)]).encode()).hexdigest()[:8]
+    tag = (f"dataset-{dataset_tag(path, cases)}-{split}-{who}-s{config.size}-m{config.margin_px}"
+           f"-c{config.context_mm:g}-{config.modality}-b{per_band}-a{algorithmic}" + (f"-w{synthetic}" if synthetic else ""))
     file = Path(data_dir) / f"{tag}.npz"
     if file.exists():
         return SampleSet.load(file)
     file.parent.mkdir(parents=True, exist_ok=True)
     log(f"building {split} samples of {len(subjects)} subjects -> {file}")
     samples = dataset_samples(path, subjects, atlas_subjects, config, seed=seed, per_band=per_band,
-                              algorithmic=algorithmic, extra_slices=6 if training else 0, progress=progress, log=log)
+                              algorithmic=algorithmic, extra_slices=6 if training else 0, synthetic=synthetic,
+                              progress=progress, log=log)
     tmp = file.with_name(file.stem + ".tmp.npz")
     samples.save(tmp)
     tmp.replace(file)
@@ -149,14 +160,29 @@ def cached_dataset_samples(data_dir: Path, path: str | Path, split: str, subject
 
 def training_sets(path: str | Path, data_dir: Path, config: SentinelConfig, per_band: int, algorithmic: int,
                   val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0,
-                  log=print) -> tuple[dict[str, list[str]], SampleSet, SampleSet]:
-    """The subject split of a dataset and its train and val sample sets (cached in ``data_dir``)."""
+                  train_subjects: int | None = None, synthetic: int = 0,
+                  log=print) -> tuple[dict[str, list[str]], list[str], SampleSet, SampleSet]:
+    """The subject split of a dataset, the atlas subjects, and the train and val sample sets (cached
+    in ``data_dir``).
+
+    ``train_subjects`` keeps only that many of the split's training subjects (a learning curve);
+    val and test stay as they are, and so do their registered masks, which always come from all the
+    split's training subjects (returned as the atlas subjects). ``synthetic``: warped copies per
+    training subject (:func:`dataset_samples`); val and test hold real subjects only.
+    """
     split = split_subjects([subject_of(c) for c in dataset_cases(path)], val_fraction, test_fraction, seed)
+    atlases = list(split["train"])
+    if train_subjects is not None:
+        if not 1 <= train_subjects <= len(atlases):
+            raise InputError("--train-subjects", f"must be in [1, {len(atlases)}] for this split, got {train_subjects}")
+        split["train"] = atlases[:train_subjects]
     log(f"{Path(path).name}: {len(split['train'])} training, {len(split['val'])} validation and "
         f"{len(split['test'])} test subjects ({config.modality})")
-    sets = [cached_dataset_samples(data_dir, path, name, split[name], split["train"], config, DATASET_SEEDS[name],
-                                   per_band, algorithmic, training=name == "train", log=log) for name in ("train", "val")]
-    return split, sets[0], sets[1]
+    sets = [cached_dataset_samples(data_dir, path, name, split[name], split["train"] if name == "train" else atlases,
+                                   config, DATASET_SEEDS[name], per_band, algorithmic, training=name == "train",
+                                   synthetic=synthetic if name == "train" else 0, log=log)
+            for name in ("train", "val")]
+    return split, atlases, sets[0], sets[1]
 
 
 def test_set(path: str | Path, data_dir: Path, config: SentinelConfig, subjects: Sequence[str] | None,
@@ -181,7 +207,8 @@ def held_out_subjects(card: dict[str, Any], path: str | Path) -> list[str] | Non
 
 
 def dataset_card_extra(config: SentinelConfig, options, path: str | Path, split: dict[str, list[str]],
-                       train_set: SampleSet, val_set: SampleSet, per_band: int, algorithmic: int) -> dict[str, Any]:
+                       atlases: list[str], train_set: SampleSet, val_set: SampleSet, per_band: int,
+                       algorithmic: int) -> dict[str, Any]:
     """What the card of a dataset-trained model says about its data, split and training."""
     from .sentinel_cli import describe_network
 
@@ -190,7 +217,7 @@ def dataset_card_extra(config: SentinelConfig, options, path: str | Path, split:
         "description": f"Quality Sentinel ({describe_network(config)}) trained on the dataset {name} ({config.modality})",
         "priority": 5,
         "data": {"dataset": str(Path(path).resolve()), "modality": config.modality, "split": "by subject, seeded",
-                 "subjects": split, "structures": sorted(set(train_set.names)),
+                 "subjects": split, "atlas_subjects": atlases, "structures": sorted(set(train_set.names)),
                  "masks": f"per structure and case: {per_band} degraded masks in each of the 5 nnQC DSC bands, "
                           f"{per_band} nearly perfect, 1 empty, {per_band} of another structure of the case, "
                           f"{algorithmic} algorithmic (threshold / region growing / registration of other "
@@ -221,10 +248,10 @@ def evaluate_on_dataset(card: str | Path, path: str | Path, data_dir: Path, devi
     modality = dataset_modality(path)
     if held_out is None and modality not in ("unknown", model.config.modality):
         raise InputError(path, f"is a {modality} dataset; the model was trained on {model.config.modality}")
-    atlases = card_data["data"]["subjects"]["train"] if held_out is not None else None
+    data = card_data.get("data") or {}
+    atlases = data.get("atlas_subjects", data["subjects"]["train"]) if held_out is not None else None
     log(f"{Path(path).name}: " + (f"the {len(held_out)} held-out subjects of the model" if held_out is not None
                                   else "every subject"))
-    data = card_data.get("data") or {}
     samples = test_set(path, data_dir, model.config, held_out, atlases, per_band=int(data.get("per_band", 3)),
                        algorithmic=int(data.get("algorithmic", 4)), log=log)
     return evaluate_sets(model, {"test" if held_out is not None else "dataset": samples})
