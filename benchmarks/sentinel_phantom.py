@@ -11,7 +11,8 @@ Run: .venv/bin/python benchmarks/sentinel_phantom.py [--subjects 40] [--out runs
      [--train-subjects K]
 (resumable: the dataset, the samples and the training checkpoint are kept in ``--out``). With
 ``--train-subjects K`` only K of the training subjects train (run folder ``run-k<K>``, same val and
-test subjects and samples): the learning curve over the number of subjects.
+test subjects and samples): the learning curve over the number of subjects; ``--synthetic-subjects N``
+adds N warped copies of each (run folder ``run-k<K>-w<N>``).
 """
 from __future__ import annotations
 
@@ -30,13 +31,18 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-subjects", type=int, default=None)
+    parser.add_argument("--synthetic-subjects", type=int, default=0)
     args, extra = parser.parse_known_args()
     dataset = args.out / "PhantomCT"
     if not (dataset / "dataset.json").exists():
         print(f"writing {args.subjects} phantom subjects -> {dataset}")
         write_phantom_dataset(dataset, args.subjects, seed=args.seed)
-    run = args.out / ("run" if args.train_subjects is None else f"run-k{args.train_subjects}")
-    curve = [] if args.train_subjects is None else ["--train-subjects", str(args.train_subjects)]
+    run, curve = "run", []
+    if args.train_subjects is not None:
+        run, curve = f"run-k{args.train_subjects}", ["--train-subjects", str(args.train_subjects)]
+    if args.synthetic_subjects:
+        run, curve = f"{run}-w{args.synthetic_subjects}", curve + ["--synthetic-subjects", str(args.synthetic_subjects)]
+    run = args.out / run
     return segqc(["train", "sentinel", "--dataset", str(dataset), "--out", str(run), "--data-dir", str(args.out / "data"),
                   "--epochs", str(args.epochs), "--seed", str(args.seed), *curve, *extra])
 

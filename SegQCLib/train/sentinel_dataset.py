@@ -25,9 +25,7 @@ from ..errors import InputError
 from ..models.sentinel import SentinelConfig
 from .sentinel_data import SampleSet, build_samples
 
-#: Splits of a dataset (by subject).
-DATASET_SPLITS = ("train", "val", "test")
-#: Seeds of the dataset splits' samples (fixed, so every evaluation sees the same masks).
+#: Seeds of the samples of a dataset's splits (fixed, so every evaluation sees the same masks).
 DATASET_SEEDS = {"train": 10, "val": 11, "test": 12}
 #: How many other training subjects are registered onto each subject for algorithmic masks.
 ATLASES_PER_SUBJECT = 2
