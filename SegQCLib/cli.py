@@ -437,11 +437,12 @@ def train_sentinel_cmd(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (where the network trains and is evaluated)."),
     install: bool = typer.Option(False, "--install", help="Copy the best model into Resources/Models with its card."),
 ) -> None:
-    """Train Quality Sentinel on the real MRI of DATA.md (resumes from OUT/checkpoint.pt)."""
+    """Train Quality Sentinel on the real MRI of DATA.md, or on your own labelled dataset with --dataset
+    (resumes from OUT/checkpoint.pt)."""
     from .models.encoders import OneHotTextEncoder, text_encoder_from_spec
     from .models.sentinel import SentinelConfig, resolve_backbone
-    from .qc import resolve_device
     from .models.sentinel import load_model as load_sentinel
+    from .qc import resolve_device
     from .train import sentinel_dataset
     from .train.sentinel_cli import card_extra, evaluate_model, evaluate_sets, format_report, sample_set, write_card
     from .train.sentinel_train import TrainOptions, train
@@ -588,8 +589,7 @@ def eval_cmd(
         card = found[0]
     _check_new_output(json_out, (card,))
     try:
-        card_data = json.loads(card.read_text())
-        architecture = card_data.get("architecture")
+        architecture = json.loads(card.read_text()).get("architecture")
     except (OSError, ValueError):
         raise InputError(card, "is not a readable model card (JSON)") from None
     if dataset is not None and architecture != "sentinel":
