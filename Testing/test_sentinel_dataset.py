@@ -6,6 +6,7 @@ read by the same reader as any user's MSD / nnU-Net folder.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +62,7 @@ def test_a_warped_subject_is_another_subject_with_exact_labels() -> None:
 def test_phantom_dataset_is_an_msd_folder_and_is_not_overwritten(tmp_path: Path) -> None:
     folder = write_phantom_dataset(tmp_path / "ds", 3, seed=1, **SMALL)
     cases = read_dataset(folder)
-    assert [c.case_id for c in cases] == ["phantom_000", "phantom_001", "phantom_002"]
+    assert [c.case_id for c in cases] == ["phantom1_000", "phantom1_001", "phantom1_002"]
     image, seg = cases[0].load()
     assert image.shape == SMALL["shape"] and image.spacing == SMALL["spacing"]
     assert [s.name for s in seg.segments] == list(ORGANS.values())
@@ -104,7 +105,7 @@ def test_train_and_eval_on_a_dataset(tmp_path: Path) -> None:
     card_path = out / "sentinel-phantom.json"
     card = json.loads(card_path.read_text())
     subjects = card["data"]["subjects"]
-    assert sorted(subjects["train"] + subjects["val"] + subjects["test"]) == [f"phantom_{i:03d}" for i in range(6)]
+    assert sorted(subjects["train"] + subjects["val"] + subjects["test"]) == [f"phantom0_{i:03d}" for i in range(6)]
     assert len(subjects["test"]) == 1 and len(subjects["val"]) == 1
     assert card["config"]["modality"] == "CT" and "Phantom" in card["description"]
     assert card["data"]["structures"] == sorted(ORGANS.values())
@@ -141,6 +142,14 @@ def test_train_and_eval_on_a_dataset(tmp_path: Path) -> None:
     assert main(["eval", str(card_path), "--dataset", str(other), "--data", str(tmp_path / "d2"),
                  "--device", "cpu", "--json", str(report2)]) == 0
     assert json.loads(report2.read_text())["dataset"]["volume"]["n"] == 3 * 4 * 9
+
+    # a copy of the training set elsewhere: the subjects the model trained or was validated on are left out
+    copy = tmp_path / "Copy"
+    shutil.copytree(dataset, copy)
+    report3 = tmp_path / "eval3.json"
+    assert main(["eval", str(card_path), "--dataset", str(copy), "--data", str(tmp_path / "d3"),
+                 "--device", "cpu", "--json", str(report3)]) == 0
+    assert json.loads(report3.read_text())["dataset"]["volume"]["n"] == 1 * 4 * 9  # the one test subject
 
 
 def test_dataset_training_refuses_bad_input(tmp_path: Path, capsys) -> None:

@@ -106,8 +106,9 @@ def write_phantom_dataset(folder: str | Path, n_subjects: int, seed: int = 0,
                           spacing: tuple[float, float, float] = (5.0, 4.0, 4.0)) -> Path:
     """Write ``n_subjects`` phantom subjects as an MSD folder (CT, labels :data:`ORGANS`); returns it.
 
-    Subject ``i`` is ``ct_phantom(seed * 10_000 + i)``; files ``imagesTr/phantom_<i>.nii.gz`` and
-    ``labelsTr/phantom_<i>.nii.gz``. An existing folder is refused (nothing is overwritten).
+    Subject ``i`` is ``ct_phantom(seed * 10_000 + i)``; files ``imagesTr/phantom<seed>_<i>.nii.gz``
+    and ``labelsTr/phantom<seed>_<i>.nii.gz`` (case ids differ between seeds, as subjects do). An
+    existing folder is refused (nothing is overwritten).
     """
     folder = Path(folder)
     if folder.exists() and any(folder.iterdir()):
@@ -119,9 +120,10 @@ def write_phantom_dataset(folder: str | Path, n_subjects: int, seed: int = 0,
     training = []
     for i in range(n_subjects):
         image, labels = ct_phantom(seed * 10_000 + i, shape, spacing)
-        write_volume(image, folder / "imagesTr" / f"phantom_{i:03d}.nii.gz")
-        write_segmentation(labels, folder / "labelsTr" / f"phantom_{i:03d}.nii.gz")
-        training.append({"image": f"./imagesTr/phantom_{i:03d}.nii.gz", "label": f"./labelsTr/phantom_{i:03d}.nii.gz"})
+        case = f"phantom{seed}_{i:03d}"
+        write_volume(image, folder / "imagesTr" / f"{case}.nii.gz")
+        write_segmentation(labels, folder / "labelsTr" / f"{case}.nii.gz")
+        training.append({"image": f"./imagesTr/{case}.nii.gz", "label": f"./labelsTr/{case}.nii.gz"})
     meta = {"name": "SegQC CT phantom", "description": "procedural abdominal CT phantom (SegQCLib.data.phantom)",
             "modality": {"0": "CT"}, "labels": {"0": "background", **{str(v): n for v, n in ORGANS.items()}},
             "numTraining": n_subjects, "training": training}

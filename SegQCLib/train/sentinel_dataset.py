@@ -204,6 +204,12 @@ def held_out_subjects(card: dict[str, Any], path: str | Path) -> list[str] | Non
     return None
 
 
+def seen_subjects(card: dict[str, Any]) -> set[str]:
+    """Subjects a dataset-trained card was trained or validated on (empty for other cards)."""
+    subjects = (card.get("data") or {}).get("subjects") or {}
+    return set(subjects.get("train", [])) | set(subjects.get("val", []))
+
+
 def dataset_card_extra(config: SentinelConfig, options, path: str | Path, split: dict[str, list[str]],
                        atlases: list[str], train_set: SampleSet, val_set: SampleSet, per_band: int,
                        algorithmic: int) -> dict[str, Any]:
@@ -235,21 +241,33 @@ def evaluate_on_dataset(card: str | Path, path: str | Path, data_dir: Path, devi
 
     A model trained on this very dataset is scored on the held-out subjects its card records
     (result key "test", algorithmic masks registered from its training subjects, as at training);
-    any other model on every subject (key "dataset"), after checking the modalities agree.
+    any other model on every subject (key "dataset"), after checking the modalities agree, except
+    subjects whose ids the model was trained or validated on (a moved copy of its training set).
     """
     from ..models.sentinel import load_model
     from .sentinel_cli import evaluate_sets
 
     card_data = json.loads(Path(card).read_text())
     model = load_model(card, device)
+    data = card_data.get("data") or {}
     held_out = held_out_subjects(card_data, path)
     modality = dataset_modality(path)
     if held_out is None and modality not in ("unknown", model.config.modality):
         raise InputError(path, f"is a {modality} dataset; the model was trained on {model.config.modality}")
-    data = card_data.get("data") or {}
-    atlases = data.get("atlas_subjects", data["subjects"]["train"]) if held_out is not None else None
-    log(f"{Path(path).name}: " + (f"the {len(held_out)} held-out subjects of the model" if held_out is not None
-                                  else "every subject"))
+    if held_out is not None:
+        atlases = data.get("atlas_subjects", data["subjects"]["train"])
+        log(f"{Path(path).name}: the {len(held_out)} held-out subjects of the model")
+    else:
+        # a moved or copied training set must not be scored on what the model trained on
+        every = sorted({subject_of(c) for c in dataset_cases(path)})
+        seen = seen_subjects(card_data) & set(every)
+        held_out = [s for s in every if s not in seen]
+        if not held_out:
+            raise InputError(path, "every subject of it has the id of a subject the model was trained or "
+                                   "validated on: nothing held out to score")
+        atlases = None
+        log(f"{Path(path).name}: {len(held_out)} subjects" + (f" ({len(seen)} left out: the model was trained or "
+                                                               f"validated on subjects with their ids)" if seen else ""))
     samples = test_set(path, data_dir, model.config, held_out, atlases, per_band=int(data.get("per_band", 3)),
                        algorithmic=int(data.get("algorithmic", 4)), log=log)
-    return evaluate_sets(model, {"test" if held_out is not None else "dataset": samples})
+    return evaluate_sets(model, {"test" if atlases is not None else "dataset": samples})
