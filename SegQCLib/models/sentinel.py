@@ -8,7 +8,9 @@ papers do, weighted by the mask's area on each slice (see :meth:`SentinelQC.asse
 Network (Quality Sentinel, eq. 1-2): ``f = E(x)`` from a 2D ResNet with a 2-channel stem, text
 embedding ``t``; gates ``w1 = W1 [f, t]`` and ``w2 = W2 [f, t]``; ``h = g2(w2 * g1(w1 * f))``. The
 layer shapes follow the public Quality Sentinel release (linear gates, hidden width 50, biased
-7x7 stem), so its checkpoints load by key mapping (:func:`load_published_checkpoint`).
+7x7 stem), so its checkpoints load by key mapping (:func:`load_published_checkpoint`). In SegAE's
+mode ``E`` is instead the vision tower of a local open_clip model (BiomedCLIP's layout), fed the
+image with its mask blended in (:class:`OpenCLIPBackbone`).
 """
 from __future__ import annotations
 
