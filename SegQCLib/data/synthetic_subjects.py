@@ -13,8 +13,7 @@ from __future__ import annotations
 import numpy as np
 import SimpleITK as sitk
 
-from ..io import Segmentation
-from ..volume import Volume
+from ..io import Segmentation, _to_sitk
 from .sources import LabelledSubject
 
 #: Defaults of :func:`warped_subject`: per-axis scale range, rotation SD (degrees), B-spline
@@ -24,14 +23,6 @@ ROTATION_DEG = 4.0
 DISPLACEMENT_MM = 4.0
 MESH = 4
 INTENSITY_SCALE = (0.92, 1.08)
-
-
-def _sitk(volume: Volume, array: np.ndarray) -> sitk.Image:
-    image = sitk.GetImageFromArray(np.ascontiguousarray(array))
-    image.SetSpacing(volume.grid.spacing_xyz)
-    image.SetOrigin(volume.grid.origin)
-    image.SetDirection(volume.grid.direction)
-    return image
 
 
 def random_warp(reference: sitk.Image, rng: np.random.Generator, displacement_mm: float = DISPLACEMENT_MM) -> sitk.Transform:
@@ -60,7 +51,7 @@ def warped_subject(subject: LabelledSubject, seed: int, name: str | None = None)
     """
     rng = np.random.default_rng(seed)
     image = subject.image
-    reference = _sitk(image, image.array.astype(np.float32))
+    reference = _to_sitk(np.ascontiguousarray(image.array, dtype=np.float32), image.grid)
     transform = random_warp(reference, rng)
     low = float(image.array.min())
     warped = sitk.GetArrayFromImage(sitk.Resample(reference, reference, transform, sitk.sitkLinear, low))
@@ -68,8 +59,9 @@ def warped_subject(subject: LabelledSubject, seed: int, name: str | None = None)
     labelled = (seg.layers > 0).any(axis=0)
     middle = float(np.median(image.array[labelled])) if labelled.any() else float(np.median(image.array))
     warped = (middle + (warped - middle) * rng.uniform(*INTENSITY_SCALE)).astype(np.float32)
-    layers = np.stack([sitk.GetArrayFromImage(sitk.Resample(_sitk(image, layer), reference, transform,
-                                                            sitk.sitkNearestNeighbor, 0)) for layer in seg.layers])
+    layers = np.stack([sitk.GetArrayFromImage(sitk.Resample(_to_sitk(np.ascontiguousarray(layer), image.grid), reference,
+                                                            transform, sitk.sitkNearestNeighbor, 0))
+                       for layer in seg.layers])
     new_id = name or f"{subject.subject}+warp{seed}"
     return LabelledSubject(subject=new_id, image=image.with_array(warped, name=f"{image.name}+warp{seed}"),
                            segmentation=Segmentation(layers.astype(seg.layers.dtype), seg.grid, list(seg.segments),

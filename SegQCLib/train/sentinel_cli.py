@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from ..models.sentinel import SentinelConfig, load_model
-from .sentinel_data import KINDS, TRAIN_PARTS, SampleSet, build_samples
+from .sentinel_data import KINDS, TRAIN_PARTS, SampleSet, build_samples, cached_samples
 
 EVAL_SPLITS = ("test-subject", "test-structures")
 #: seeds of the splits (and of the parts of the train split), fixed so that every evaluation of
@@ -26,18 +26,9 @@ def sample_set(data_dir: Path, split: str, config: SentinelConfig, per_band: int
     strip_prob = strip_prob if training else 0.0
     tag = f"{split}-s{config.size}-m{config.margin_px}-c{config.context_mm:g}-b{per_band}-a{algorithmic}"
     tag += f"-p{strip_prob:g}" if strip_prob > 0 else ""
-    path = data_dir / f"{tag}.npz"
-    if path.exists():
-        return SampleSet.load(path)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    log(f"building {split} samples -> {path}")
-    samples = build_samples(split, config, seed=SPLIT_SEEDS[split], per_band=per_band,
-                            extra_slices=6 if training else 0, algorithmic=algorithmic, progress=progress,
-                            strip_prob=strip_prob)
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    samples.save(tmp)
-    tmp.replace(path)
-    return samples
+    return cached_samples(data_dir / f"{tag}.npz", lambda: build_samples(
+        split, config, seed=SPLIT_SEEDS[split], per_band=per_band, extra_slices=6 if training else 0,
+        algorithmic=algorithmic, progress=progress, strip_prob=strip_prob), log)
 
 
 def evaluate_model(card_or_model, data_dir: Path, splits=EVAL_SPLITS, device: str = "cpu",

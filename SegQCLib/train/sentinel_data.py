@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -100,6 +100,21 @@ class SampleSet:
                        area=data["area"], volume=data["volume"], in_volume=data["in_volume"],
                        volume_dsc=data["volume_dsc"], volume_name=data["volume_name"],
                        volume_kind=data["volume_kind"], volume_subject=[str(s) for s in data["volume_subject"]])
+
+
+def cached_samples(file: str | Path, build: Callable[[], SampleSet], log=print) -> SampleSet:
+    """The sample set saved at ``file``, or ``build()`` saved there first (atomically: a run cut
+    off while saving leaves no half-written cache)."""
+    file = Path(file)
+    if file.exists():
+        return SampleSet.load(file)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    log(f"building samples -> {file}")
+    samples = build()
+    tmp = file.with_name(file.stem + ".tmp.npz")
+    samples.save(tmp)
+    tmp.replace(file)
+    return samples
 
 
 def display_name(subject_source: str, name: str) -> str:

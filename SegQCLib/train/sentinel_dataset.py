@@ -23,7 +23,7 @@ from ..data.cases import Case, dataset_modality, read_dataset
 from ..data.sources import LabelledSubject
 from ..errors import InputError
 from ..models.sentinel import SentinelConfig
-from .sentinel_data import SampleSet, build_samples
+from .sentinel_data import SampleSet, build_samples, cached_samples
 
 #: Seeds of the samples of a dataset's splits (fixed, so every evaluation sees the same masks).
 DATASET_SEEDS = {"train": 10, "val": 11, "test": 12}
@@ -141,18 +141,9 @@ def cached_dataset_samples(data_dir: Path, path: str | Path, split: str, subject
     who = hashlib.sha1(json.dumps([sorted(subjects), sorted(atlas_subjects)]).encode()).hexdigest()[:8]
     tag = (f"dataset-{dataset_tag(path, cases)}-{split}-{who}-s{config.size}-m{config.margin_px}"
            f"-c{config.context_mm:g}-{config.modality}-b{per_band}-a{algorithmic}" + (f"-w{synthetic}" if synthetic else ""))
-    file = Path(data_dir) / f"{tag}.npz"
-    if file.exists():
-        return SampleSet.load(file)
-    file.parent.mkdir(parents=True, exist_ok=True)
-    log(f"building {split} samples of {len(subjects)} subjects -> {file}")
-    samples = dataset_samples(path, subjects, atlas_subjects, config, seed=seed, per_band=per_band,
-                              algorithmic=algorithmic, extra_slices=6 if training else 0, synthetic=synthetic,
-                              progress=progress, log=log)
-    tmp = file.with_name(file.stem + ".tmp.npz")
-    samples.save(tmp)
-    tmp.replace(file)
-    return samples
+    return cached_samples(Path(data_dir) / f"{tag}.npz", lambda: dataset_samples(
+        path, subjects, atlas_subjects, config, seed=seed, per_band=per_band, algorithmic=algorithmic,
+        extra_slices=6 if training else 0, synthetic=synthetic, progress=progress, log=log), log)
 
 
 
