@@ -402,9 +402,9 @@ def train_sentinel_cmd(
     train_subjects: Optional[int] = typer.Option(None, "--train-subjects", help="With --dataset: train on only this "
                                                  "many of the split's training subjects (a learning curve; val and "
                                                  "test unchanged)."),
-    synthetic_subjects: int = typer.Option(0, "--synthetic-subjects", help="With --dataset: add this many randomly "
-                                           "warped copies of each training subject (anatomy and intensities; "
-                                           "benchmarks/sentinel_phantom.md)."),
+    synthetic_subjects: int = typer.Option(0, "--synthetic-subjects", help="Add this many randomly warped copies "
+                                           "of each training subject (anatomy and intensities; Colin27 for the "
+                                           "built-in data; benchmarks/sentinel_phantom.md)."),
     name: Optional[str] = typer.Option(None, "--name", help="Name of the trained model (default: sentinel-brain-mr, "
                                        "or sentinel-<dataset folder> with --dataset)."),
     epochs: int = typer.Option(12, "--epochs"),
@@ -459,15 +459,15 @@ def train_sentinel_cmd(
         raise InputError("--intensity-prob", f"must be in [0, 1], got {intensity_prob}")
     if text_noise < 0:
         raise InputError("--text-noise", f"must be >= 0, got {text_noise}")
-    if dataset is None and (train_subjects is not None or synthetic_subjects):
-        raise InputError("--train-subjects" if train_subjects is not None else "--synthetic-subjects",
-                         "applies to --dataset only")
+    if dataset is None and train_subjects is not None:
+        raise InputError("--train-subjects", "applies to --dataset only (the built-in data has one training subject)")
     if synthetic_subjects < 0:
         raise InputError("--synthetic-subjects", f"must be >= 0, got {synthetic_subjects}")
     if dataset is not None and strip_prob > 0:
         raise InputError("--strip-prob", "skull-stripped views exist for the built-in brain MRI only, not with --dataset")
     if dataset is None:
-        train_set = sample_set(data_dir, "train", config, per_band, algorithmic, log=console.print, strip_prob=strip_prob)
+        train_set = sample_set(data_dir, "train", config, per_band, algorithmic, log=console.print, strip_prob=strip_prob,
+                               synthetic=synthetic_subjects)
         val_set = sample_set(data_dir, "val", config, per_band, algorithmic, log=console.print)
     else:
         config = sentinel_dataset.dataset_config(dataset, config)
@@ -485,7 +485,7 @@ def train_sentinel_cmd(
     best = train(out, train_set, val_set, config, options, encoder, log=console.print, device=device)
     if dataset is None:
         results = evaluate_model(best, data_dir, device=device, log=console.print)
-        extra = card_extra(config, options, train_set, val_set, strip_prob)
+        extra = card_extra(config, options, train_set, val_set, strip_prob, synthetic_subjects)
     else:
         held_out = sentinel_dataset.test_set(dataset, data_dir, config, split_ids["test"], atlases,
                                              per_band, algorithmic, log=console.print)

@@ -378,3 +378,41 @@ def test_train_samples_are_their_parts_each_cached(tmp_path: Path, monkeypatch) 
     assert wrong.sum() == 2 and np.all(tissue.volume_dsc[wrong] == 0)
     good = tissue.volume_kind == sentinel_cli.KINDS.index("good")
     assert np.all(tissue.volume_dsc[good] > 0.85)
+
+
+@needs_mricron
+def test_warped_copies_of_colin27_join_the_train_split_as_other_subjects(tmp_path: Path, monkeypatch) -> None:
+    from SegQCLib.data.sources import colin27
+    from SegQCLib.metrics import dice
+    from SegQCLib.train import sentinel_cli
+    from SegQCLib.train.sentinel_data import warped_pairs
+
+    monkeypatch.setattr(sentinel_cli, "TRAIN_PARTS", ("train-tissue",))
+    config, built = _tiny_config(2), []
+    train = sentinel_cli.sample_set(tmp_path, "train", config, per_band=1, algorithmic=0, progress=False,
+                                    log=built.append, synthetic=1)
+    assert len(built) == 2 and len(list(tmp_path.glob("train-tissue-w1-*.npz"))) == 1
+    original = sentinel_cli.sample_set(tmp_path, "train", config, per_band=1, algorithmic=0, progress=False,
+                                       log=built.append)
+    assert len(built) == 2  # the original part comes from the same cache
+    subjects = np.asarray(train.volume_subject)
+    copy = subjects == "colin27+warp1"
+    assert copy.sum() == (subjects == "colin27").sum() == len(original.volume_dsc)
+    assert train.names == original.names == ["GreyMatter", "WhiteMatter"]
+    # the copy's labels stay exact: its other-structure masks miss, its near-perfect masks nearly match
+    kind = train.volume_kind
+    assert np.all(train.volume_dsc[copy & (kind == sentinel_cli.KINDS.index("wrong"))] == 0)
+    assert np.all(train.volume_dsc[copy & (kind == sentinel_cli.KINDS.index("good"))] > 0.6)  # one voxel off a thin cortex
+    # and it is another anatomy: its slices are not the original's
+    first_copy_slice = int(np.flatnonzero(np.isin(train.volume, np.flatnonzero(copy)))[0])
+    assert not any(np.array_equal(train.x[first_copy_slice], x) for x in original.x)
+
+    # one warp per copy whatever the labelling: Colin27's tissue and brain labellings share the anatomy
+    tissue, brain = colin27("tissue"), colin27("brain")
+    (warped_tissue, _), (warped_brain, _) = warped_pairs([(tissue, "GreyMatter"), (brain, "Brain")], 1)
+    assert warped_tissue.subject == warped_brain.subject == "colin27+warp1"
+    grey, whole = warped_tissue.segmentation.mask("GreyMatter"), warped_brain.segmentation.mask("Brain")
+    assert (grey & whole).sum() / grey.sum() > 0.95
+    assert dice(grey, tissue.segmentation.mask("GreyMatter")) < 0.6
+    with pytest.raises(ValueError, match="numbered from 1"):
+        warped_pairs([(tissue, "GreyMatter")], 0)

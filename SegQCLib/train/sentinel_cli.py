@@ -6,7 +6,15 @@ from pathlib import Path
 from typing import Any
 
 from ..models.sentinel import SentinelConfig, load_model
-from .sentinel_data import KINDS, TRAIN_PARTS, SampleSet, build_samples, cached_samples
+from .sentinel_data import (
+    KINDS,
+    TRAIN_PARTS,
+    SampleSet,
+    build_samples,
+    cached_samples,
+    split_structures,
+    warped_pairs,
+)
 
 EVAL_SPLITS = ("test-subject", "test-structures")
 #: seeds of the splits (and of the parts of the train split), fixed so that every evaluation of
@@ -15,20 +23,32 @@ SPLIT_SEEDS = {"train-atlas": 0, "val": 1, "test-structures": 2, "test-subject":
 
 
 def sample_set(data_dir: Path, split: str, config: SentinelConfig, per_band: int = 3, algorithmic: int = 4,
-               progress: bool = True, log=print, strip_prob: float = 0.0) -> SampleSet:
+               progress: bool = True, log=print, strip_prob: float = 0.0, synthetic: int = 0) -> SampleSet:
     """The samples of ``split`` for ``config``'s input geometry, built once and cached in ``data_dir``
     (the train split: its :data:`TRAIN_PARTS`, each cached on its own, concatenated).
-    ``strip_prob`` (skull-stripped images, see :func:`build_samples`) applies to the train split only."""
+    ``strip_prob`` (skull-stripped images, see :func:`build_samples`) applies to the train split only;
+    so does ``synthetic``: the train split then also holds that many warped copies of its parts
+    (:func:`~SegQCLib.train.sentinel_data.warped_pairs`), each part and copy cached on its own."""
     if split == "train":
-        return SampleSet.concat([sample_set(data_dir, part, config, per_band, algorithmic, progress, log, strip_prob)
-                                 for part in TRAIN_PARTS])
+        return SampleSet.concat([_part_set(data_dir, part, copy, config, per_band, algorithmic, progress, log, strip_prob)
+                                 for copy in range(synthetic + 1) for part in TRAIN_PARTS])
+    return _part_set(data_dir, split, 0, config, per_band, algorithmic, progress, log, 0.0)
+
+
+def _part_set(data_dir: Path, split: str, copy: int, config: SentinelConfig, per_band: int, algorithmic: int,
+              progress: bool, log, strip_prob: float) -> SampleSet:
+    """One cached split, train part, or warped copy ``copy`` (> 0) of a train part."""
     training = split in TRAIN_PARTS
     strip_prob = strip_prob if training else 0.0
-    tag = f"{split}-s{config.size}-m{config.margin_px}-c{config.context_mm:g}-b{per_band}-a{algorithmic}"
+    tag = f"{split}" + (f"-w{copy}" if copy else "")
+    tag += f"-s{config.size}-m{config.margin_px}-c{config.context_mm:g}-b{per_band}-a{algorithmic}"
     tag += f"-p{strip_prob:g}" if strip_prob > 0 else ""
+    # each copy draws its own masks: the seed differs from the original part's and from other copies'
+    seed = SPLIT_SEEDS[split] + 100 * copy
     return cached_samples(data_dir / f"{tag}.npz", lambda: build_samples(
-        split, config, seed=SPLIT_SEEDS[split], per_band=per_band, extra_slices=6 if training else 0,
-        algorithmic=algorithmic, progress=progress, strip_prob=strip_prob), log)
+        split + (f"+warp{copy}" if copy else ""), config, seed=seed, per_band=per_band,
+        extra_slices=6 if training else 0, algorithmic=algorithmic, progress=progress, strip_prob=strip_prob,
+        pairs=warped_pairs(split_structures(split), copy) if copy else None), log)
 
 
 def evaluate_model(card_or_model, data_dir: Path, splits=EVAL_SPLITS, device: str = "cpu",
@@ -76,7 +96,7 @@ def describe_network(config: SentinelConfig) -> str:
 
 
 def card_extra(config: SentinelConfig, options, train_set: SampleSet, val_set: SampleSet,
-               strip_prob: float = 0.0) -> dict[str, Any]:
+               strip_prob: float = 0.0, synthetic: int = 0) -> dict[str, Any]:
     """What a Sentinel model card says about its data, splits and training (besides measured metrics)."""
     from .sentinel_data import HELD_OUT_AAL, VAL_AAL
 

@@ -14,6 +14,8 @@ Splits (so that held-out numbers mean something):
   grey and white matter (``colin27("tissue")``). Without the tissue part, grey and white matter were
   structure types the model had never seen, and on MNI152 it scored even their exact masks ~0.2:
   the held-out subject measured a held-out structure type instead.
+  ``segqc train sentinel --synthetic-subjects N`` adds N warped copies of Colin27 (:func:`warped_pairs`),
+  each sampled like the original: the only labelled training subject is otherwise one anatomy.
 """
 from __future__ import annotations
 
@@ -39,6 +41,8 @@ VAL_AAL = ("Pallidum_L", "Occipital_Mid_R", "Parietal_Inf_L", "Cingulum_Ant_R", 
 KINDS = ("degraded", "good", "empty", "wrong", "algorithmic")
 #: The parts the train split is built from (see the module docstring).
 TRAIN_PARTS = ("train-atlas", "train-tissue")
+#: Warped copy c of the built-in training subject uses the warp seed WARP_SEED + c (see :func:`warped_pairs`).
+WARP_SEED = 5_000
 
 
 @dataclass
@@ -146,6 +150,28 @@ def split_structures(split: str) -> list[tuple[LabelledSubject, str]]:
                 + [(brodmann, s.name) for s in brodmann.segmentation.segments]
                 + [(colin27("brain"), "Brain")])
     raise ValueError(f"unknown split {split!r}")
+
+
+def warped_pairs(pairs: list[tuple[LabelledSubject, str]], copy: int) -> list[tuple[LabelledSubject, str]]:
+    """``pairs`` with each subject replaced by its warped copy number ``copy`` (1, 2, ...), a new subject
+    ``<subject>+warp<copy>`` (:func:`~SegQCLib.data.synthetic_subjects.warped_subject`).
+
+    The warp's seed depends on ``copy`` only, and the same seed on the same image grid draws the same
+    transform, so Colin27's AAL, Brodmann, brain and tissue labellings stay one anatomy in a copy.
+    The original subject then is another subject to the copy: its labels are registered onto it for
+    the algorithmic masks, as any atlas's.
+    """
+    from ..data.synthetic_subjects import warped_subject
+
+    if copy < 1:
+        raise ValueError(f"warped copies are numbered from 1, got {copy}")
+    warped: dict[int, LabelledSubject] = {}
+    out = []
+    for subject, structure in pairs:
+        if id(subject) not in warped:
+            warped[id(subject)] = warped_subject(subject, seed=WARP_SEED + copy, name=f"{subject.subject}+warp{copy}")
+        out.append((warped[id(subject)], structure))
+    return out
 
 
 def _good_mask(truth: np.ndarray, rng: np.random.Generator) -> np.ndarray:
