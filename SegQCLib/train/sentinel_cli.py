@@ -115,6 +115,9 @@ def card_extra(config: SentinelConfig, options, train_set: SampleSet, val_set: S
                      "3 of another structure, 4 algorithmic (threshold / region growing / registration)",
             "train_skull_stripped": (f"each training volume shown skull-stripped (Colin27's brain mask dilated "
                                      f"1-3 mm) with probability {strip_prob:g}") if strip_prob > 0 else "none",
+            "train_warped_copies": (f"{synthetic} randomly warped copies of Colin27 (affine + B-spline warp of "
+                                    "image and labels, contrast scaled), sampled like the original; the original's "
+                                    "labels are registered onto them for algorithmic masks") if synthetic else "none",
             "train_slices": int(len(train_set.x)), "train_volumes": int(len(train_set.volume_dsc)),
             "val_slices": int(len(val_set.x)),
         },
