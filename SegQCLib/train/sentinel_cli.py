@@ -28,7 +28,9 @@ def sample_set(data_dir: Path, split: str, config: SentinelConfig, per_band: int
     (the train split: its :data:`TRAIN_PARTS`, each cached on its own, concatenated).
     ``strip_prob`` (skull-stripped images, see :func:`build_samples`) applies to the train split only;
     so does ``synthetic``: the train split then also holds that many warped copies of its parts
-    (:func:`~SegQCLib.train.sentinel_data.warped_pairs`), each part and copy cached on its own."""
+    (:func:`~SegQCLib.train.sentinel_data.warped_pairs`), each part and copy cached on its own (copies
+    are never skull-stripped: they have no brain mask of their own). Memory: about 2.1 GB of slices
+    per copy at the default geometry, held twice while the parts are joined."""
     if split == "train":
         return SampleSet.concat([_part_set(data_dir, part, copy, config, per_band, algorithmic, progress, log, strip_prob)
                                  for copy in range(synthetic + 1) for part in TRAIN_PARTS])
