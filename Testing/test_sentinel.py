@@ -385,7 +385,7 @@ def test_warped_copies_of_colin27_join_the_train_split_as_other_subjects(tmp_pat
     from SegQCLib.data.sources import colin27
     from SegQCLib.metrics import dice
     from SegQCLib.train import sentinel_cli
-    from SegQCLib.train.sentinel_data import warped_pairs
+    from SegQCLib.train.sentinel_data import WARP_SEED, warped_pairs
 
     monkeypatch.setattr(sentinel_cli, "TRAIN_PARTS", ("train-tissue",))
     config, built = _tiny_config(2), []
@@ -409,10 +409,10 @@ def test_warped_copies_of_colin27_join_the_train_split_as_other_subjects(tmp_pat
 
     # one warp per copy whatever the labelling: Colin27's tissue and brain labellings share the anatomy
     tissue, brain = colin27("tissue"), colin27("brain")
-    (warped_tissue, _), (warped_brain, _) = warped_pairs([(tissue, "GreyMatter"), (brain, "Brain")], 1)
+    (warped_tissue, _), (warped_brain, _) = warped_pairs([(tissue, "GreyMatter"), (brain, "Brain")], 1, WARP_SEED + 1)
     assert warped_tissue.subject == warped_brain.subject == "colin27+warp1"
     grey, whole = warped_tissue.segmentation.mask("GreyMatter"), warped_brain.segmentation.mask("Brain")
     assert (grey & whole).sum() / grey.sum() > 0.95
     assert dice(grey, tissue.segmentation.mask("GreyMatter")) < 0.6
     with pytest.raises(ValueError, match="numbered from 1"):
-        warped_pairs([(tissue, "GreyMatter")], 0)
+        warped_pairs([(tissue, "GreyMatter")], 0, WARP_SEED)

@@ -5,8 +5,8 @@ A QC model trained on few subjects learns their anatomy rather than what a good 
 :func:`warped_subject` draws a plausible other subject from one: a random affine (per-axis scale,
 small rotation) plus a smooth B-spline deformation of the whole image, applied with SimpleITK to the
 image (linear) and to its label map (nearest neighbour, so the labels stay exact), and a random
-linear intensity change. ``segqc train sentinel --dataset ... --synthetic-subjects N`` adds N of
-them per training subject.
+linear intensity change. ``segqc train sentinel [--dataset ...] --synthetic-subjects N`` adds N of
+them per training subject (:func:`~SegQCLib.train.sentinel_data.warped_pairs`).
 """
 from __future__ import annotations
 

@@ -9,6 +9,7 @@ from ..models.sentinel import SentinelConfig, load_model
 from .sentinel_data import (
     KINDS,
     TRAIN_PARTS,
+    WARP_SEED,
     SampleSet,
     build_samples,
     cached_samples,
@@ -50,7 +51,7 @@ def _part_set(data_dir: Path, split: str, copy: int, config: SentinelConfig, per
     return cached_samples(data_dir / f"{tag}.npz", lambda: build_samples(
         split + (f"+warp{copy}" if copy else ""), config, seed=seed, per_band=per_band,
         extra_slices=6 if training else 0, algorithmic=algorithmic, progress=progress, strip_prob=strip_prob,
-        pairs=warped_pairs(split_structures(split), copy) if copy else None), log)
+        pairs=warped_pairs(split_structures(split), copy, WARP_SEED + copy) if copy else None), log)
 
 
 def evaluate_model(card_or_model, data_dir: Path, splits=EVAL_SPLITS, device: str = "cpu",

@@ -152,14 +152,13 @@ def split_structures(split: str) -> list[tuple[LabelledSubject, str]]:
     raise ValueError(f"unknown split {split!r}")
 
 
-def warped_pairs(pairs: list[tuple[LabelledSubject, str]], copy: int) -> list[tuple[LabelledSubject, str]]:
+def warped_pairs(pairs: list[tuple[LabelledSubject, str]], copy: int, seed: int) -> list[tuple[LabelledSubject, str]]:
     """``pairs`` with each subject replaced by its warped copy number ``copy`` (1, 2, ...), a new subject
-    ``<subject>+warp<copy>`` (:func:`~SegQCLib.data.synthetic_subjects.warped_subject`).
+    ``<subject>+warp<copy>`` drawn with ``seed`` (:func:`~SegQCLib.data.synthetic_subjects.warped_subject`).
 
-    The warp's seed depends on ``copy`` only, and the same seed on the same image grid draws the same
-    transform, so Colin27's AAL, Brodmann, brain and tissue labellings stay one anatomy in a copy.
-    The original subject then is another subject to the copy: its labels are registered onto it for
-    the algorithmic masks, as any atlas's.
+    The same seed on the same image grid draws the same transform, so labellings of one image (Colin27's
+    AAL, Brodmann, brain and tissue) stay one anatomy in a copy. The original subject then is another
+    subject to the copy: its labels are registered onto it for the algorithmic masks, as any atlas's.
     """
     from ..data.synthetic_subjects import warped_subject
 
@@ -169,7 +168,7 @@ def warped_pairs(pairs: list[tuple[LabelledSubject, str]], copy: int) -> list[tu
     out = []
     for subject, structure in pairs:
         if id(subject) not in warped:
-            warped[id(subject)] = warped_subject(subject, seed=WARP_SEED + copy, name=f"{subject.subject}+warp{copy}")
+            warped[id(subject)] = warped_subject(subject, seed=seed, name=f"{subject.subject}+warp{copy}")
         out.append((warped[id(subject)], structure))
     return out
 

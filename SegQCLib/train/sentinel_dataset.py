@@ -23,7 +23,7 @@ from ..data.cases import Case, dataset_modality, read_dataset
 from ..data.sources import LabelledSubject
 from ..errors import InputError
 from ..models.sentinel import SentinelConfig
-from .sentinel_data import SampleSet, build_samples, cached_samples
+from .sentinel_data import SampleSet, build_samples, cached_samples, warped_pairs
 
 #: Seeds of the samples of a dataset's splits (fixed, so every evaluation sees the same masks).
 DATASET_SEEDS = {"train": 10, "val": 11, "test": 12}
@@ -90,11 +90,9 @@ def dataset_samples(path: str | Path, subjects: Sequence[str], atlas_subjects: S
     Algorithmic masks register the labels of up to :data:`ATLASES_PER_SUBJECT` cases of
     ``atlas_subjects`` (the training subjects; never the case's own subject) onto each case. Cases
     are read one at a time (only the atlases stay in memory). ``synthetic``: also that many
-    :func:`~SegQCLib.data.synthetic_subjects.warped_subject` copies of each case, each sampled as a
+    :func:`~SegQCLib.train.sentinel_data.warped_pairs` copies of each case, each sampled as a
     subject of its own (its original is not among its atlases).
     """
-    from ..data.synthetic_subjects import warped_subject
-
     cases = dataset_cases(path)
     modality = dataset_modality(path)
     wanted = set(subjects)
@@ -114,12 +112,13 @@ def dataset_samples(path: str | Path, subjects: Sequence[str], atlas_subjects: S
             continue
         others = [a for a in atlases if a.subject != subject.subject][:ATLASES_PER_SUBJECT]
         case_seed = seed * 100_003 + index
+        pairs = [(subject, s) for s in structures]
         for copy in range(synthetic + 1):  # copy 0: the case itself, with the seed it always had
-            shown = subject if copy == 0 else warped_subject(subject, seed=case_seed * 1_000 + copy)
-            sets.append(build_samples(case.case_id + (f"+warp{copy}" if copy else ""), config,
-                                      seed=case_seed if copy == 0 else case_seed * 1_000 + copy,
+            copy_seed = case_seed if copy == 0 else case_seed * 1_000 + copy
+            sets.append(build_samples(case.case_id + (f"+warp{copy}" if copy else ""), config, seed=copy_seed,
                                       per_band=per_band, extra_slices=extra_slices, algorithmic=algorithmic,
-                                      progress=progress, pairs=[(shown, s) for s in structures], atlases=others))
+                                      progress=progress, pairs=warped_pairs(pairs, copy, copy_seed) if copy else pairs,
+                                      atlases=others))
     if not sets:
         raise InputError(path, "no case with a labelled structure")
     return SampleSet.concat(sets)
