@@ -13,6 +13,7 @@ from SegQCLib.models.sentinel import (SentinelConfig, SentinelNet, SentinelQC, l
                                       load_published_checkpoint, save_model, slice_boxes, slice_inputs)
 from SegQCLib.errors import InputError
 from SegQCLib.train.evaluation import agreement, average_precision_at_k
+from SegQCLib.train.sentinel_data import SampleSet, saved_slice_shape
 from SegQCLib.train.sentinel_train import bin_weights, optimal_pairs, ranking_loss
 from SegQCLib.volume import Volume
 
@@ -378,6 +379,45 @@ def test_train_samples_are_their_parts_each_cached(tmp_path: Path, monkeypatch) 
     assert wrong.sum() == 2 and np.all(tissue.volume_dsc[wrong] == 0)
     good = tissue.volume_kind == sentinel_cli.KINDS.index("good")
     assert np.all(tissue.volume_dsc[good] > 0.85)
+
+
+def _random_set(rng: np.random.Generator, names: list[str], volumes: int, slices: int, size: int = 64) -> SampleSet:
+    n = volumes * slices
+    return SampleSet(names=names, x=rng.integers(0, 256, (n, 4, size, size), dtype=np.uint8),
+                     name=rng.integers(0, len(names), n).astype(np.int32), dsc=rng.random(n).astype(np.float32),
+                     area=rng.integers(0, 500, n).astype(np.int32), volume=np.repeat(np.arange(volumes), slices).astype(np.int32),
+                     in_volume=np.ones(n, bool), volume_dsc=rng.random(volumes).astype(np.float32),
+                     volume_name=rng.integers(0, len(names), volumes).astype(np.int32),
+                     volume_kind=np.zeros(volumes, np.int8), volume_subject=["s"] * volumes)
+
+
+def test_joining_saved_parts_renumbers_ids_and_holds_slices_once(tmp_path: Path) -> None:
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    parts = [_random_set(rng, ["A", "B"], 10, 50), _random_set(rng, ["C", "A"], 10, 50), _random_set(rng, ["B"], 10, 50)]
+    files = [part.save(tmp_path / f"part{i}.npz") for i, part in enumerate(parts)]
+    assert saved_slice_shape(files[1]) == parts[1].x.shape
+    part_bytes = parts[0].x.nbytes  # 8 MB each
+    tracemalloc.start()
+    joined = SampleSet.concat(files)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    # all slices once plus one part's in flight; joining loaded parts would hold every slice twice
+    assert peak < 4.5 * part_bytes, peak / part_bytes
+    assert joined.names == ["A", "B", "C"]
+    np.testing.assert_array_equal(joined.x, np.concatenate([p.x for p in parts]))
+    # a slice keeps its structure and its volume's true DSC through the renumbering
+    for i, part in enumerate(parts):
+        rows = slice(500 * i, 500 * (i + 1))
+        assert [joined.names[k] for k in joined.name[rows]] == [part.names[k] for k in part.name]
+        np.testing.assert_array_equal(joined.volume_dsc[joined.volume[rows]], part.volume_dsc[part.volume])
+    # in-memory sets and saved ones join alike
+    mixed = SampleSet.concat([parts[0], files[1], parts[2]])
+    np.testing.assert_array_equal(mixed.name, joined.name)
+    np.testing.assert_array_equal(mixed.volume, joined.volume)
+    with pytest.raises(ValueError, match="slice shapes"):
+        SampleSet.concat([parts[0], _random_set(rng, ["A"], 2, 5, size=32)])
 
 
 @needs_mricron

@@ -12,7 +12,7 @@ from .sentinel_data import (
     WARP_SEED,
     SampleSet,
     build_samples,
-    cached_samples,
+    ensure_cached,
     split_structures,
     warped_pairs,
 )
@@ -26,21 +26,21 @@ SPLIT_SEEDS = {"train-atlas": 0, "val": 1, "test-structures": 2, "test-subject":
 def sample_set(data_dir: Path, split: str, config: SentinelConfig, per_band: int = 3, algorithmic: int = 4,
                progress: bool = True, log=print, strip_prob: float = 0.0, synthetic: int = 0) -> SampleSet:
     """The samples of ``split`` for ``config``'s input geometry, built once and cached in ``data_dir``
-    (the train split: its :data:`TRAIN_PARTS`, each cached on its own, concatenated).
+    (the train split: its :data:`TRAIN_PARTS`, each cached on its own, joined).
     ``strip_prob`` (skull-stripped images, see :func:`build_samples`) applies to the train split only;
     so does ``synthetic``: the train split then also holds that many warped copies of its parts
     (:func:`~SegQCLib.train.sentinel_data.warped_pairs`), each part and copy cached on its own (copies
     are never skull-stripped: they have no brain mask of their own). Memory: about 2.1 GB of slices
-    per copy at the default geometry, held twice while the parts are joined."""
+    per copy at the default geometry (parts are joined from their files, one at a time)."""
     if split == "train":
-        return SampleSet.concat([_part_set(data_dir, part, copy, config, per_band, algorithmic, progress, log, strip_prob)
+        return SampleSet.concat([_part_file(data_dir, part, copy, config, per_band, algorithmic, progress, log, strip_prob)
                                  for copy in range(synthetic + 1) for part in TRAIN_PARTS])
-    return _part_set(data_dir, split, 0, config, per_band, algorithmic, progress, log, 0.0)
+    return SampleSet.load(_part_file(data_dir, split, 0, config, per_band, algorithmic, progress, log, 0.0))
 
 
-def _part_set(data_dir: Path, split: str, copy: int, config: SentinelConfig, per_band: int, algorithmic: int,
-              progress: bool, log, strip_prob: float) -> SampleSet:
-    """One cached split, train part, or warped copy ``copy`` (> 0) of a train part."""
+def _part_file(data_dir: Path, split: str, copy: int, config: SentinelConfig, per_band: int, algorithmic: int,
+               progress: bool, log, strip_prob: float) -> Path:
+    """The cache file of one split, train part, or warped copy ``copy`` (> 0) of a train part, built first if missing."""
     training = split in TRAIN_PARTS
     strip_prob = strip_prob if training else 0.0
     tag = f"{split}" + (f"-w{copy}" if copy else "")
@@ -48,7 +48,7 @@ def _part_set(data_dir: Path, split: str, copy: int, config: SentinelConfig, per
     tag += f"-p{strip_prob:g}" if strip_prob > 0 else ""
     # each copy draws its own masks: the seed differs from the original part's and from other copies'
     seed = SPLIT_SEEDS[split] + 100 * copy
-    return cached_samples(data_dir / f"{tag}.npz", lambda: build_samples(
+    return ensure_cached(data_dir / f"{tag}.npz", lambda: build_samples(
         split + (f"+warp{copy}" if copy else ""), config, seed=seed, per_band=per_band,
         extra_slices=6 if training else 0, algorithmic=algorithmic, progress=progress, strip_prob=strip_prob,
         pairs=warped_pairs(split_structures(split), copy, WARP_SEED + copy) if copy else None), log)

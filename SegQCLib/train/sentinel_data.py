@@ -19,6 +19,7 @@ Splits (so that held-out numbers mean something):
 """
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -76,18 +77,28 @@ class SampleSet:
         return path
 
     @classmethod
-    def concat(cls, sets: list["SampleSet"]) -> "SampleSet":
-        """One set holding all slices and volumes of ``sets`` (names merged, ids renumbered)."""
+    def concat(cls, sources: list["SampleSet | Path"]) -> "SampleSet":
+        """One set holding all slices and volumes of ``sources`` (names merged, ids renumbered).
+
+        A source may be the path of a saved set: it is loaded only when its turn comes and let go
+        after its slices are copied, so joining saved parts holds their slices once (plus one part),
+        not twice. Raises ValueError if the sources' slices differ in shape.
+        """
+        shapes = [s.x.shape if isinstance(s, SampleSet) else saved_slice_shape(s) for s in sources]
+        if len({shape[1:] for shape in shapes}) > 1:
+            raise ValueError(f"cannot join sample sets of different slice shapes: {sorted({sh[1:] for sh in shapes})}")
+        x = np.empty((sum(shape[0] for shape in shapes),) + shapes[0][1:], np.uint8) if shapes else np.zeros(0, np.uint8)
         names: list[str] = []
-        for s in sets:
-            names += [n for n in s.names if n not in names]
-        parts: dict[str, list] = {k: [] for k in ("x", "name", "dsc", "area", "volume", "in_volume", "volume_dsc",
+        parts: dict[str, list] = {k: [] for k in ("name", "dsc", "area", "volume", "in_volume", "volume_dsc",
                                                   "volume_name", "volume_kind")}
         subjects: list[str] = []
-        offset = 0
-        for s in sets:
+        offset = start = 0
+        for source in sources:
+            s = source if isinstance(source, SampleSet) else SampleSet.load(source)
+            names += [n for n in s.names if n not in names]
             remap = np.array([names.index(n) for n in s.names], dtype=np.int32)
-            parts["x"].append(s.x)
+            x[start:start + len(s.x)] = s.x
+            start += len(s.x)
             parts["name"].append(remap[s.name])
             parts["volume"].append(s.volume + offset)
             parts["volume_name"].append(remap[s.volume_name])
@@ -95,7 +106,8 @@ class SampleSet:
                 parts[key].append(getattr(s, key))
             subjects += list(s.volume_subject)
             offset += len(s.volume_dsc)
-        return cls(names=names, **{k: np.concatenate(v) for k, v in parts.items()}, volume_subject=subjects)
+            del s
+        return cls(names=names, x=x, **{k: np.concatenate(v) for k, v in parts.items()}, volume_subject=subjects)
 
     @classmethod
     def load(cls, path: str | Path) -> "SampleSet":
@@ -106,19 +118,31 @@ class SampleSet:
                        volume_kind=data["volume_kind"], volume_subject=[str(s) for s in data["volume_subject"]])
 
 
-def cached_samples(file: str | Path, build: Callable[[], SampleSet], log=print) -> SampleSet:
-    """The sample set saved at ``file``, or ``build()`` saved there first (atomically: a run cut
-    off while saving leaves no half-written cache)."""
+def saved_slice_shape(path: str | Path) -> tuple[int, ...]:
+    """The shape of the slices ``x`` of a set saved by :meth:`SampleSet.save`, read from the file's
+    array header without loading the slices."""
+    with zipfile.ZipFile(path) as archive, archive.open("x.npy") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        return tuple(read_header(f)[0])
+
+
+def ensure_cached(file: str | Path, build: Callable[[], SampleSet], log=print) -> Path:
+    """``file``, where ``build()`` is saved first if it is missing (atomically: a run cut off while
+    saving leaves no half-written cache)."""
     file = Path(file)
-    if file.exists():
-        return SampleSet.load(file)
-    file.parent.mkdir(parents=True, exist_ok=True)
-    log(f"building samples -> {file}")
-    samples = build()
-    tmp = file.with_name(file.stem + ".tmp.npz")
-    samples.save(tmp)
-    tmp.replace(file)
-    return samples
+    if not file.exists():
+        file.parent.mkdir(parents=True, exist_ok=True)
+        log(f"building samples -> {file}")
+        tmp = file.with_name(file.stem + ".tmp.npz")
+        build().save(tmp)
+        tmp.replace(file)
+    return file
+
+
+def cached_samples(file: str | Path, build: Callable[[], SampleSet], log=print) -> SampleSet:
+    """The sample set saved at ``file``, built and saved there first if missing (:func:`ensure_cached`)."""
+    return SampleSet.load(ensure_cached(file, build, log))
 
 
 def display_name(subject_source: str, name: str) -> str:
