@@ -125,8 +125,9 @@ def card_extra(config: SentinelConfig, options, train_set: SampleSet, val_set: S
             "val_slices": int(len(val_set.x)),
         },
         "training": dict(options.__dict__),
-        "limitations": "Trained on two adult brain T1 templates only: not validated on CT, other organs, "
-                       "pathology or other MR contrasts; scores of unseen structure types are less reliable.",
+        "limitations": "Trained on one adult brain T1 (Colin27, with its warped copies when asked) and tested on a "
+                       "second (MNI152): not validated on CT, other organs, pathology or other MR contrasts; "
+                       "scores of unseen structure types and of other subjects are less reliable.",
     }
 
 
