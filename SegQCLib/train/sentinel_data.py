@@ -84,10 +84,12 @@ class SampleSet:
         after its slices are copied, so joining saved parts holds their slices once (plus one part),
         not twice. Raises ValueError if the sources' slices differ in shape.
         """
+        if not sources:
+            raise ValueError("no sample sets to join")
         shapes = [s.x.shape if isinstance(s, SampleSet) else saved_slice_shape(s) for s in sources]
         if len({shape[1:] for shape in shapes}) > 1:
             raise ValueError(f"cannot join sample sets of different slice shapes: {sorted({sh[1:] for sh in shapes})}")
-        x = np.empty((sum(shape[0] for shape in shapes),) + shapes[0][1:], np.uint8) if shapes else np.zeros(0, np.uint8)
+        x = np.empty((sum(shape[0] for shape in shapes),) + shapes[0][1:], np.uint8)
         names: list[str] = []
         parts: dict[str, list] = {k: [] for k in ("name", "dsc", "area", "volume", "in_volume", "volume_dsc",
                                                   "volume_name", "volume_kind")}
@@ -106,7 +108,7 @@ class SampleSet:
                 parts[key].append(getattr(s, key))
             subjects += list(s.volume_subject)
             offset += len(s.volume_dsc)
-            del s
+            del s  # before the next part is loaded: rebinding ``s`` would hold two parts at once
         return cls(names=names, x=x, **{k: np.concatenate(v) for k, v in parts.items()}, volume_subject=subjects)
 
     @classmethod
