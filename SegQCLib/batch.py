@@ -281,11 +281,13 @@ def read_results(path: str | Path):
     """``results.csv`` as a pandas DataFrame with numeric columns typed (NaN for blanks)."""
     import pandas as pd
 
+    from .report import parse_floats
+
     table = pd.read_csv(path, dtype=str, keep_default_na=False)
     for column in _FLOAT_COLUMNS:
-        table[column] = pd.to_numeric(table[column].replace("", "nan"), errors="coerce")
+        table[column] = parse_floats(table[column])
     for column in _INT_COLUMNS:
-        table[column] = pd.to_numeric(table[column], errors="coerce").fillna(-1).astype(int)
+        table[column] = parse_floats(table[column]).fillna(-1).astype(int)
     return table
 
 

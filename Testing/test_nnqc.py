@@ -280,6 +280,9 @@ def test_precision_choice():
     assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
     native = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
     assert resolve_precision("auto", torch.device("cpu")) == ("bf16" if native else "fp32")
+    # on CUDA fp32 sampled as fast or faster than bf16 (H100, benchmarks/bench_nnqc.py), so "auto" is fp32
+    assert resolve_precision("auto", torch.device("cuda")) == "fp32"
+    assert resolve_precision("bf16", torch.device("cuda")) == "bf16"
     with pytest.raises(ValueError, match="precision"):
         NNQCModel("x", build_net(tiny()), None, precision="fp16")
 

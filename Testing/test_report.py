@@ -367,3 +367,23 @@ def test_report_renders_in_headless_chromium(batch, written, tmp_path):
     assert "SegQC batch report" in dom.stdout
     assert f"{hippocampus['mean_pred_dsc']:.3f}" in dom.stdout
     assert re.search(r"Kendall tau[^<]*:\s*<b>0\.333</b>", dom.stdout)
+
+
+def test_results_csv_floats_read_back_exactly(tmp_path):
+    # pandas 3.0.6's to_numeric reads these (repr-written) floats back changed, e.g.
+    # 0.016527635528529094 -> 0.016527635528529; the table must come back as written.
+    from SegQCLib.batch import RESULT_COLUMNS, read_results
+
+    written = ["0.016527635528529094", "0.04097352393619469", "0.9750549333037571", "", "inf", "n/a"]
+    rows = [{c: "" for c in RESULT_COLUMNS} | {"case_id": f"c{i}", "structure": "Brain", "status": "ok",
+                                               "pred_dsc": text, "n_slices": "10" if i else ""}
+            for i, text in enumerate(written)]
+    path = tmp_path / "results.csv"
+    pd.DataFrame(rows, columns=list(RESULT_COLUMNS)).to_csv(path, index=False)
+    expected = [0.016527635528529094, 0.04097352393619469, 0.9750549333037571, math.nan, math.inf, math.nan]
+    for table in (read_results(path), report.load_table(path)):
+        got = table["pred_dsc"].tolist()
+        assert got[:3] == expected[:3] and got[4] == math.inf
+        assert math.isnan(got[3]) and math.isnan(got[5])  # blank and text -> NaN
+        assert table["n_slices"].tolist() == [-1, 10, 10, 10, 10, 10]
+    assert report.parse_floats(pd.Series([0.25, None, "0.5"])).tolist()[::2] == [0.25, 0.5]

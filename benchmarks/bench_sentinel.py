@@ -2,7 +2,8 @@
 
 Run: .venv/bin/python benchmarks/bench_sentinel.py [--model sentinel-brain-mr] [--repeats 10] [--segae]
 Prints the cold first call (text encoder loading included) and the warm median/best, per device,
-for a small (Hippocampus_L) and a large (whole brain) structure of Colin27.
+for a small (Hippocampus_L) and a large (whole brain) structure of Colin27, and, with CUDA, the
+predicted DSC on each device (the two should agree).
 
 ``--segae`` also times SegAE's mode in the same run: a Sentinel whose encoder is BiomedCLIP's vision tower
 architecture (timm ViT-B/16, 224 px, 512-d embedding; papers' two channels, no context view) with
@@ -39,17 +40,20 @@ class _FixedText:
 
 
 def segae_model(device: str):
-    """A SegAE-mode Sentinel of BiomedCLIP's size (random weights), on ``device``."""
+    """A SegAE-mode Sentinel of BiomedCLIP's size (random weights, the same on every device), on ``device``."""
     from SegQCLib.models.sentinel import SentinelConfig, SentinelNet, SentinelQC
+
+    torch.manual_seed(0)
 
     config = SentinelConfig(backbone="openclip:biomedclip:(random weights)", size=224, text_dim=512,
                             openclip=BIOMEDCLIP_VISION)
     return SentinelQC("segae-biomedclip-size", SentinelNet(config), config, text_encoder=_FixedText(), device=device)
 
 
-def time_calls(model, image, mask, name: str, repeats: int) -> tuple[float, list[float]]:
+def time_calls(model, image, mask, name: str, repeats: int) -> tuple[float, list[float], float]:
+    """Cold seconds, warm seconds of each repeat, and the volume's predicted DSC."""
     start = time.perf_counter()
-    model.assess(image, mask, name, all_slices=False)
+    result = model.assess(image, mask, name, all_slices=False)
     cold = time.perf_counter() - start
     warm = []
     for _ in range(repeats):
@@ -58,7 +62,7 @@ def time_calls(model, image, mask, name: str, repeats: int) -> tuple[float, list
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         warm.append(time.perf_counter() - start)
-    return cold, warm
+    return cold, warm, float(result.volume["dsc"])
 
 
 def main() -> None:
@@ -75,6 +79,7 @@ def main() -> None:
              ("Brain", brain.image, brain.segmentation.mask("Brain"))]
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     print(f"torch {torch.__version__}, CPU threads {torch.get_num_threads()}, devices {devices}")
+    scores = {}
     for device in devices:
         models = [(args.model, load_model(args.model, device))]
         if args.segae:
@@ -82,7 +87,7 @@ def main() -> None:
         medians = {}
         for label, model in models:
             for name, image, mask in cases:
-                cold, warm = time_calls(model, image, mask, name, args.repeats)
+                cold, warm, scores[device, label, name] = time_calls(model, image, mask, name, args.repeats)
                 medians[label, name] = statistics.median(warm)
                 print(f"{device:5s} {label:18s} {name:14s} cold {cold:7.3f} s   warm median {medians[label, name]:.3f} s"
                       f"   best {min(warm):.3f} s   ({int(np.count_nonzero(mask))} voxels, 10 slices)")
@@ -90,6 +95,11 @@ def main() -> None:
             for name, _, _ in cases:
                 print(f"{device:5s} {name:14s} SegAE / {args.model}: "
                       f"{medians['segae (ViT-B/16)', name] / medians[args.model, name]:.1f}x the time")
+    if "cuda" in devices:
+        for (device, label, name), score in scores.items():
+            if device == "cuda":
+                print(f"      {label:18s} {name:14s} predicted DSC CPU {scores['cpu', label, name]:.4f}, "
+                      f"CUDA {score:.4f}")
 
 if __name__ == "__main__":
     main()
