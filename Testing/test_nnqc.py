@@ -357,3 +357,24 @@ def test_openclip_image_expert_from_a_local_checkpoint(tmp_path, blob_model):
     loaded = load_model(card)
     with torch.no_grad():
         torch.testing.assert_close(loaded.net.context(ratio, image), net.context(ratio, image))
+
+
+def test_ctrl_c_finishes_the_step_in_progress_and_saves_the_steps_done() -> None:
+    import os
+    import signal
+
+    from SegQCLib.train.nnqc_train import _run_steps
+
+    done, saved = [], []
+
+    def step(i: int) -> float:
+        if i == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while step 3 runs
+        done.append(i)
+        return 1.0
+
+    with pytest.raises(KeyboardInterrupt):
+        _run_steps("stage", total=10, start=0, step_fn=step, save=saved.append, every=100, progress=False,
+                   log=lambda *a: None)
+    assert done == [0, 1, 2, 3]  # step 3 ran to its end, no step after it
+    assert saved == [4]  # resumes at step 4

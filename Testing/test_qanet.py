@@ -190,6 +190,53 @@ def test_tiny_model_learns_seg_on_held_out_simulations(tiny_model) -> None:
     assert state["epoch"] == 8 and state["batch"] == 0
 
 
+def test_training_stopped_at_a_batch_resumes_to_the_same_weights(tmp_path, monkeypatch) -> None:
+    """Ctrl-C in the middle of a batch of epoch 2: the run stops after that batch, and the resumed
+    run ends with the weights and validation numbers of a run that never stopped."""
+    import os
+    import signal
+
+    from SegQCLib.train import qanet_train
+    from SegQCLib.train.qanet_data import generate_samples
+    from SegQCLib.train.qanet_train import QANetTrainOptions, train
+
+    kw = {"patch": 32, "image_shape": (96, 96), "radius_range": (4.0, 8.0), "targets": ("seg",), "progress": False}
+    train_set = generate_samples(2, 6, seed=10, **kw)
+    val_set = generate_samples(2, 2, seed=11, **kw)
+    config = QANetConfig(dims=2, patch=32, diameter_range=(8.0, 16.0), **TINY)
+    options = QANetTrainOptions(epochs=2, batch_size=8, lr=3e-3, seed=0, threads=1, device="cpu")
+    n_batches = len(train_set) // options.batch_size
+    assert n_batches >= 3
+    quiet = {"progress": False, "log": lambda *a: None}
+    threads = torch.get_num_threads()
+    augment, calls = qanet_train.augment, {"n": 0}
+
+    def stopping_augment(*args):  # one call per batch, before its forward pass
+        calls["n"] += 1
+        if calls["n"] == n_batches + 2:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in epoch 2's second batch
+        return augment(*args)
+
+    try:
+        train(tmp_path / "straight", train_set, val_set, config, options, **quiet)
+        monkeypatch.setattr(qanet_train, "augment", stopping_augment)
+        with pytest.raises(KeyboardInterrupt):
+            train(tmp_path / "stopped", train_set, val_set, config, options, **quiet)
+        state = torch.load(tmp_path / "stopped" / "checkpoint.pt", map_location="cpu", weights_only=True)
+        assert (state["epoch"], state["batch"]) == (1, 2)  # after the batch it was in
+        train(tmp_path / "stopped", train_set, val_set, config, options, **quiet)
+    finally:
+        torch.set_num_threads(threads)
+    straight, resumed = (torch.load(tmp_path / run / "checkpoint.pt", map_location="cpu", weights_only=True)
+                         for run in ("straight", "stopped"))
+    for key, value in straight["net"].items():
+        assert torch.equal(value, resumed["net"][key]), key
+    def without_times(history: str) -> list[dict]:
+        return [{k: v for k, v in h.items() if k != "seconds"} for h in json.loads(history)]
+
+    assert without_times(resumed["history"]) == without_times(straight["history"])
+
+
 def test_distance_targets_come_last_and_get_their_own_head() -> None:
     with pytest.raises(InputError, match="distances"):
         QANetConfig(targets=("seg", "mhd95", "nemhd"))

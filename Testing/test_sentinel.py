@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -277,6 +280,73 @@ def test_training_learns_and_resumes(tmp_path: Path) -> None:
     print("slice", report["slice"], "constant-predictor MAE", constant)
     assert report["slice"]["mae"] < constant  # it learnt more than the mean DSC
     assert report["slice"]["lcc"] > 0.3
+
+
+@needs_mricron
+def test_training_stopped_inside_epochs_resumes_to_the_same_weights(tmp_path: Path, monkeypatch) -> None:
+    """Stopped at a batch (Ctrl-C) in epoch 1 and again in epoch 2, then run to the end: the
+    weights, validation numbers and losses are those of the run that was never stopped."""
+    from SegQCLib.train import sentinel_train
+    from SegQCLib.train.sentinel_data import build_samples
+    from SegQCLib.train.sentinel_train import TrainOptions, train
+
+    config = _tiny_config(2)
+    samples = build_samples("val", config, seed=0, per_band=1, extra_slices=2, algorithmic=0, progress=False,
+                            structures=["Pallidum_L", "Fusiform_L"])
+    encoder = _TwoNames(samples.names)
+    n_batches = int(np.count_nonzero(~np.isnan(samples.dsc))) // 16
+    assert n_batches >= 4
+    options = TrainOptions(epochs=2, batch_size=16, lr=3e-3, seed=0, intensity_prob=0.5, checkpoint_minutes=0.0)
+    quiet = {"progress": False, "log": lambda *_: None}
+    train(tmp_path / "straight", samples, samples, config, options, encoder, **quiet)
+
+    ranking_loss = sentinel_train.ranking_loss
+    calls = {"n": 0, "stop_at": 0}
+
+    def stopping_ranking_loss(*args, **kwargs):  # one call per batch, between forward pass and step
+        calls["n"] += 1
+        if calls["n"] == calls["stop_at"]:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of a batch
+        return ranking_loss(*args, **kwargs)
+
+    monkeypatch.setattr(sentinel_train, "ranking_loss", stopping_ranking_loss)
+    stopped = tmp_path / "stopped"
+    # Ctrl-C in epoch 1's 3rd batch; after resuming at its 4th, in epoch 2's 3rd
+    for stop_at, (epoch, batch) in ((3, (0, 3)), (n_batches, (1, 3))):
+        calls.update(n=0, stop_at=stop_at)
+        with pytest.raises(KeyboardInterrupt):
+            train(stopped, samples, samples, config, options, encoder, **quiet)
+        state = torch.load(stopped / "checkpoint.pt", weights_only=True)
+        assert (state["epoch"], state["batch"]) == (epoch, batch)  # stopped after that batch, inside the epoch
+    calls.update(n=0, stop_at=0)
+    train(stopped, samples, samples, config, options, encoder, **quiet)
+
+    straight = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
+    resumed = torch.load(stopped / "checkpoint.pt", weights_only=True)
+    assert straight["net"].keys() == resumed["net"].keys()
+    for key, value in straight["net"].items():
+        assert torch.equal(value, resumed["net"][key]), key
+    def without_times(run: Path) -> list[dict]:
+        return [{k: v for k, v in h.items() if k != "seconds"} for h in json.loads((run / "history.json").read_text())]
+
+    assert without_times(stopped) == without_times(tmp_path / "straight")
+
+
+def test_sigterm_and_ctrl_c_ask_to_stop_between_steps_and_a_second_one_stops_at_once() -> None:
+    from SegQCLib.train.stopping import stop_between_steps
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with stop_between_steps() as stop:
+            stop.check()  # nothing asked yet
+            os.kill(os.getpid(), sig)
+            assert stop.requested  # the step in progress goes on ...
+            with pytest.raises(KeyboardInterrupt):
+                stop.check()  # ... and the run stops where the trainer checks
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), sig)  # asked twice: stop now
+                time.sleep(5)  # reaching the end of the sleep fails the test
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
 
 
 class _TwoNames:

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from ..models.nnqc import ImageDAE, NNQCConfig, NNQCNet, NNQCModel, build_net, image_to_unit, make_scheduler, save_model
 from .evaluation import agreement
 from .nnqc_data import BLANK, KINDS, NEAR_EMPTY, TRUTH, SliceSet
+from .stopping import stop_between_steps
 
 
 @dataclass
@@ -178,21 +179,14 @@ def _run_steps(name: str, total: int, start: int, step_fn: Callable[[int], float
                every: int, progress: bool, log, on_val: Callable[[int], None] | None = None,
                val_every: int = 0) -> None:
     """Run ``step_fn(step)`` for steps start..total-1 with a progress bar; checkpoint every ``every``
-    steps, at the end and on Ctrl-C or SIGTERM (then raise KeyboardInterrupt); ``on_val(step + 1)``
-    every ``val_every`` steps. SIGTERM is handled so that a background run (where SIGINT is ignored)
-    stops cleanly with ``kill <pid>``."""
-    import signal
-    import threading
-
+    steps, at the end and on Ctrl-C or SIGTERM at the end of the current step (then raise
+    KeyboardInterrupt); ``on_val(step + 1)`` every ``val_every`` steps. SIGTERM is handled so that a
+    background run (where SIGINT is ignored) stops cleanly with ``kill <pid>``."""
     from rich.progress import Progress
 
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt) if threading.current_thread() is threading.main_thread() else None
     step, running = start, math.nan
     try:
-        with Progress(*_columns(), disable=not progress) as bar:
+        with stop_between_steps() as stop, Progress(*_columns(), disable=not progress) as bar:
             task = bar.add_task(name, total=total, completed=start, loss=0.0)
             for step in range(start, total):
                 loss = step_fn(step)
@@ -202,15 +196,15 @@ def _run_steps(name: str, total: int, start: int, step_fn: Callable[[int], float
                     on_val(step + 1)
                 if (step + 1) % every == 0 and step + 1 < total:
                     save(step + 1)
+                if stop.requested:
+                    step += 1  # the steps done
+                    stop.check()
             step = total
         save(total)
     except KeyboardInterrupt:
         save(step)
         log(f"interrupted: {name} checkpoint saved at step {step}; run the same command to resume")
         raise
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
 
 
 # --------------------------------------------------------------------------- stages

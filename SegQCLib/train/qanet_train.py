@@ -12,16 +12,16 @@ loaded and frozen (batch-norm statistics too) and only the new head learns, so t
 other predictions are the base model's exactly.
 
 Checkpoints: ``OUT/checkpoint.pt`` (weights, optimiser, scheduler, epoch, batch within the epoch,
-best score, history) every ``checkpoint_minutes`` and after every epoch; Ctrl-C or SIGTERM saves it
-and stops; running the same call again resumes at the same batch (the epoch's sample order is a
-function of the seed and the epoch). The best epoch by validation score (Pearson r minus MAE of
-SEG) is saved as ``OUT/best.{safetensors,json}``.
+augmentation generator's state, running loss, best score, history) every ``checkpoint_minutes`` and
+after every epoch; Ctrl-C or SIGTERM saves it and stops at the end of the current batch; running the
+same call again resumes at the next batch with the same draws (the epoch's sample order is a
+function of the seed and the epoch), so it ends with the weights of a run that never stopped. The
+best epoch by validation score (Pearson r minus MAE of SEG) is saved as ``OUT/best.{safetensors,json}``.
 """
 from __future__ import annotations
 
 import json
 import math
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +34,7 @@ from ..models.qanet import (DISTANCE_TARGETS, QANetConfig, QANetQC, RibCageNet, 
                             encode_batch, save_model)
 from .evaluation import agreement
 from .qanet_data import KINDS, QANetSamples
+from .stopping import stop_between_steps
 
 
 @dataclass
@@ -137,10 +138,6 @@ def evaluate_predictions(samples: QANetSamples, pred: np.ndarray) -> dict[str, A
     return report
 
 
-class _Stop(Exception):
-    """Raised by the SIGTERM handler so that a background run saves its checkpoint like on Ctrl-C."""
-
-
 def train(out_dir: str | Path, train_set: QANetSamples, val_set: QANetSamples, config: QANetConfig,
           options: QANetTrainOptions, progress: bool = True, log=print,
           base: dict[str, torch.Tensor] | None = None) -> Path:
@@ -182,6 +179,7 @@ def train(out_dir: str | Path, train_set: QANetSamples, val_set: QANetSamples, c
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=options.lr, total_steps=max(1, options.epochs * n_batches),
                                                     pct_start=0.05, anneal_strategy="cos")
     start_epoch, start_batch, best, history = 0, 0, -math.inf, []
+    generator, resumed_draws, running = torch.Generator(), None, 0.0  # augmentation draws, loss EMA
     checkpoint = out_dir / "checkpoint.pt"
     if checkpoint.exists():
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
@@ -189,6 +187,8 @@ def train(out_dir: str | Path, train_set: QANetSamples, val_set: QANetSamples, c
         optimiser.load_state_dict(state["optimiser"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, start_batch, best = int(state["epoch"]), int(state["batch"]), float(state["best"])
+        resumed_draws = state.get("generator")  # absent from checkpoints of older versions
+        running = float(state.get("running", 0.0))
         history = json.loads(state["history"])
         log(f"resuming at epoch {start_epoch + 1}, batch {start_batch} (best val score {best:.4f})")
     log(f"QANet {config.dims}D {config.fusion}/{config.encoding} width {config.width}: "
@@ -204,26 +204,26 @@ def train(out_dir: str | Path, train_set: QANetSamples, val_set: QANetSamples, c
     def save_checkpoint() -> None:
         tmp = checkpoint.with_suffix(".tmp")
         torch.save({"net": net.state_dict(), "optimiser": optimiser.state_dict(), "scheduler": scheduler.state_dict(),
-                    "epoch": epoch, "batch": batch, "best": best, "history": json.dumps(history)}, tmp)
+                    "epoch": epoch, "batch": batch, "generator": generator.get_state(), "running": running,
+                    "best": best, "history": json.dumps(history)}, tmp)
         tmp.replace(checkpoint)
         (out_dir / "history.json").write_text(json.dumps(history, indent=1))
 
-    def on_term(signum, frame):  # noqa: ARG001
-        raise _Stop()
-
-    previous = signal.signal(signal.SIGTERM, on_term) if _main_thread() else None
     bar_columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                    TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), TimeRemainingColumn())
     try:
-        with Progress(*bar_columns, disable=not progress) as bar:
+        with stop_between_steps() as stop, Progress(*bar_columns, disable=not progress) as bar:
             for epoch in range(start_epoch, options.epochs):
                 net.train(base is None)  # a frozen base keeps its batch-norm statistics
                 order = np.random.default_rng(options.seed * 1000 + epoch).permutation(len(train_set))
-                generator = torch.Generator().manual_seed(options.seed * 1000 + epoch)
-                task = bar.add_task(f"epoch {epoch + 1}/{options.epochs}", total=n_batches, loss=0.0,
-                                    completed=start_batch if epoch == start_epoch else 0)
-                started, running, last_save = time.perf_counter(), 0.0, time.perf_counter()
                 first = start_batch if epoch == start_epoch else 0
+                generator.manual_seed(options.seed * 1000 + epoch)
+                if first and resumed_draws is not None:
+                    generator.set_state(resumed_draws)  # the draws after the last finished batch
+                running = running if first else 0.0
+                task = bar.add_task(f"epoch {epoch + 1}/{options.epochs}", total=n_batches, loss=running,
+                                    completed=first)
+                started = last_save = time.perf_counter()
                 for batch in range(first, n_batches):
                     idx = np.sort(order[batch * options.batch_size:(batch + 1) * options.batch_size])
                     xb = torch.from_numpy(train_set.image[idx].astype(np.float32))
@@ -240,10 +240,11 @@ def train(out_dir: str | Path, train_set: QANetSamples, val_set: QANetSamples, c
                     loss.backward()
                     optimiser.step()
                     scheduler.step()
-                    running = 0.98 * running + 0.02 * loss.item() if batch > first else loss.item()
+                    running = 0.98 * running + 0.02 * loss.item() if batch else loss.item()
                     bar.update(task, advance=1, loss=running)
-                    if time.perf_counter() - last_save > 60 * options.checkpoint_minutes:
+                    if stop.requested or time.perf_counter() - last_save > 60 * options.checkpoint_minutes:
                         batch += 1  # the next batch to run
+                        stop.check()
                         save_checkpoint()
                         batch -= 1
                         last_save = time.perf_counter()
@@ -268,24 +269,16 @@ def train(out_dir: str | Path, train_set: QANetSamples, val_set: QANetSamples, c
                                                                 "val": {t: report[t] for t in shown}})
                 epoch, batch = epoch + 1, 0
                 save_checkpoint()
+                stop.check()
                 epoch -= 1
                 if options.max_minutes and time.perf_counter() - started_run > 60 * options.max_minutes:
                     log(f"time limit of {options.max_minutes} min reached after epoch {epoch + 1}")
                     break
-    except (KeyboardInterrupt, _Stop):
+    except KeyboardInterrupt:
         save_checkpoint()
         log(f"interrupted: checkpoint saved at epoch {epoch + 1}, batch {batch}; run the same command to resume")
-        raise KeyboardInterrupt from None
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        raise
     return out_dir / "best.json"
-
-
-def _main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 def evaluate_model(model: QANetQC, samples: QANetSamples) -> dict[str, Any]:

@@ -5,8 +5,11 @@ rare low-quality slices count) + lambda * optimal-pair ranking loss. Pairs are f
 batch by SciPy's ``linear_sum_assignment`` on the cosine similarity of the structures' text
 embeddings, self-pairs forbidden; each pair (i, j) costs max(0, (p_i - p_j)(t_j - t_i) + margin).
 
-Checkpoints (``checkpoint.pt``: weights, optimiser, epoch, best score) are written after every
-epoch and on Ctrl-C, so ``segqc train sentinel`` resumes where it stopped.
+Checkpoints (``checkpoint.pt``: weights, optimiser, scheduler, epoch, batch within the epoch, the
+training generator's state, best score) are written every ``checkpoint_minutes``, after every epoch,
+and on Ctrl-C or SIGTERM (at the end of the current batch); ``segqc train sentinel`` then resumes
+at the next batch and draws what the run would have drawn without the stop, so a resumed run ends
+with the same weights.
 """
 from __future__ import annotations
 
@@ -25,11 +28,13 @@ from ..models.sentinel import (SentinelConfig, SentinelNet, area_weighted_mean, 
                                resolve_backbone, save_model)
 from .evaluation import agreement
 from .sentinel_data import KINDS, SampleSet
+from .stopping import stop_between_steps
 
 
 @dataclass
 class TrainOptions:
-    """epochs, batch size, Adam learning rate, ranking-loss weight (lambda) and margin (xi), seed."""
+    """epochs, batch size, Adam learning rate, ranking-loss weight (lambda) and margin (xi), seed;
+    ``checkpoint_minutes``: wall-clock minutes between checkpoints inside an epoch."""
 
     epochs: int = 12
     batch_size: int = 64
@@ -42,6 +47,7 @@ class TrainOptions:
     intensity_prob: float = 0.0  # chance per sample of a random bias field + noise on its image channels
     text_noise: float = 0.0  # norm of random noise added to each text embedding, relative to its norm
     flip_names: bool = False  # a left-right flip of a lateral structure also swaps its name's side (see mirror_index)
+    checkpoint_minutes: float = 5.0
 
 
 def optimal_pairs(text: torch.Tensor) -> np.ndarray:
@@ -191,7 +197,10 @@ def train(out_dir: str | Path, train_set: SampleSet, val_set: SampleSet, config:
 
     The best epoch by validation volume-level LCC is saved as ``out_dir/best.{safetensors,json}``.
     ``device``: where the network runs ("cpu" or "cuda"); batches are drawn and augmented on the CPU
-    with the seeded generator, so a run's samples do not depend on the device.
+    with the seeded generator, so a run's samples do not depend on the device. A checkpoint holds
+    the generator's state at the start of its epoch (which fixes the epoch's sample order) and
+    after its last finished batch, so a resumed run continues the same draws. Raises
+    KeyboardInterrupt after saving the checkpoint on Ctrl-C or SIGTERM.
     """
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -205,17 +214,26 @@ def train(out_dir: str | Path, train_set: SampleSet, val_set: SampleSet, config:
     net = SentinelNet(resolve_backbone(config)).to(device)  # before the optimiser: its state follows the parameters
     optimiser = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=options.lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=max(options.epochs, 1))
-    start_epoch, best, history = 0, -math.inf, []
+    # where the run stands: the next batch to train, the generator at the epoch's start and now, the loss EMA
+    at = {"epoch": 0, "batch": 0, "epoch_generator": generator.get_state(), "generator": generator.get_state(),
+          "running": 0.0}
+    best, history = -math.inf, []
     checkpoint = out_dir / "checkpoint.pt"
     if checkpoint.exists():
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         net.load_state_dict(state["net"])
         optimiser.load_state_dict(state["optimiser"])
         scheduler.load_state_dict(state["scheduler"])
-        start_epoch, best = int(state["epoch"]), float(state["best"])
+        best = float(state["best"])
         history = json.loads((out_dir / "history.json").read_text()) if (out_dir / "history.json").exists() else []
-        generator.manual_seed(options.seed + start_epoch)
-        log(f"resuming after epoch {start_epoch} (best val volume LCC {best:.4f})")
+        at.update(epoch=int(state["epoch"]), batch=int(state.get("batch", 0)))
+        if "generator" in state:
+            at.update(epoch_generator=state["epoch_generator"], generator=state["generator"],
+                      running=float(state["running"]))
+        else:  # written by an older version, after an epoch: it reseeded the generator per resumed epoch
+            generator.manual_seed(options.seed + at["epoch"])
+            at.update(epoch_generator=generator.get_state(), generator=generator.get_state())
+        log(f"resuming at epoch {at['epoch'] + 1}, batch {at['batch']} (best val volume LCC {best:.4f})")
     elif config.is_openclip:  # SegAE: start from the pretrained open_clip tower
         log(f"open_clip vision tower from {load_backbone_checkpoint(net, config)}"
             f"{' (frozen)' if config.freeze_backbone else ''}")
@@ -225,26 +243,30 @@ def train(out_dir: str | Path, train_set: SampleSet, val_set: SampleSet, config:
     val_text = text_table_for(val_set.names, encoder)
     usable = np.flatnonzero(~np.isnan(train_set.dsc))
     weights_per_bin = torch.from_numpy(bin_weights(train_set.dsc[usable], options.bins)).float()
+    n_batches = len(usable) // options.batch_size
 
-    def save_checkpoint(epoch: int) -> None:
+    def save_checkpoint() -> None:
         tmp = checkpoint.with_suffix(".tmp")
         torch.save({"net": net.state_dict(), "optimiser": optimiser.state_dict(),
-                    "scheduler": scheduler.state_dict(), "epoch": epoch, "best": best}, tmp)
+                    "scheduler": scheduler.state_dict(), "best": best, **at}, tmp)
         tmp.replace(checkpoint)
         (out_dir / "history.json").write_text(json.dumps(history, indent=1))
 
-    epoch = start_epoch
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn())
     try:
-        with Progress(*columns, disable=not progress) as bar:
-            for epoch in range(start_epoch, options.epochs):
+        with stop_between_steps() as stop, Progress(*columns, disable=not progress) as bar:
+            for epoch in range(at["epoch"], options.epochs):
                 net.train()
+                first, running = at["batch"], at["running"]
+                generator.set_state(at["epoch_generator"])  # the epoch's order, drawn as when it began
                 order = usable[torch.randperm(len(usable), generator=generator).numpy()]
-                n_batches = len(order) // options.batch_size
-                task = bar.add_task(f"epoch {epoch + 1}/{options.epochs}", total=n_batches, loss=0.0)
-                started, running = time.perf_counter(), 0.0
-                for b in range(n_batches):
+                if first:  # resumed inside the epoch: continue the draws after its last finished batch
+                    generator.set_state(at["generator"])
+                task = bar.add_task(f"epoch {epoch + 1}/{options.epochs}", total=n_batches, loss=running,
+                                    completed=first)
+                started = last_save = time.perf_counter()
+                for b in range(first, n_batches):
                     idx = np.sort(order[b * options.batch_size:(b + 1) * options.batch_size])
                     names = torch.from_numpy(train_set.name[idx]).long()
                     x, flipped = _augment(torch.from_numpy(train_set.x[idx]).float().div_(255.0), generator,
@@ -263,10 +285,15 @@ def train(out_dir: str | Path, train_set: SampleSet, val_set: SampleSet, config:
                     loss.backward()
                     optimiser.step()
                     running = 0.98 * running + 0.02 * loss.item() if b else loss.item()
+                    at.update(batch=b + 1, generator=generator.get_state(), running=running)
                     bar.update(task, advance=1, loss=running)
-                scheduler.step()
+                    stop.check()
+                    if time.perf_counter() - last_save > 60 * options.checkpoint_minutes:
+                        save_checkpoint()
+                        last_save = time.perf_counter()
                 report = evaluate_predictions(val_set, predict_set(net, val_set, val_text, device=str(device)))
                 score = report["volume"]["lcc"]
+                history = [h for h in history if h["epoch"] <= epoch]  # validation interrupted before: redone
                 history.append({"epoch": epoch + 1, "loss": running, "seconds": time.perf_counter() - started,
                                 "val_slice": report["slice"], "val_volume": report["volume"]})
                 log(f"epoch {epoch + 1}: loss {running:.4f}  val slice LCC {report['slice']['lcc']:.3f}  "
@@ -274,9 +301,14 @@ def train(out_dir: str | Path, train_set: SampleSet, val_set: SampleSet, config:
                 if score > best:
                     best = score
                     save_model(net, config, out_dir / "best", {"name": "best", "trained_epochs": epoch + 1})
-                save_checkpoint(epoch + 1)
+                scheduler.step()
+                at.update(epoch=epoch + 1, batch=0, epoch_generator=generator.get_state(),
+                          generator=generator.get_state(), running=0.0)
+                save_checkpoint()
+                stop.check()
     except KeyboardInterrupt:
-        save_checkpoint(epoch)
-        log(f"interrupted: checkpoint saved after epoch {epoch}; run the same command to resume")
+        save_checkpoint()
+        log(f"interrupted: checkpoint saved at epoch {at['epoch'] + 1}, batch {at['batch']}; "
+            "run the same command to resume")
         raise
     return out_dir / "best.json"
