@@ -321,7 +321,9 @@ def batch_cmd(
     top_n: int = typer.Option(20, "--top-n", help="Length of the active-learning and self-training lists."),
 ) -> None:
     """QC every case and structure of a dataset; resumable (a rerun skips finished cases), local or on Dask."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from .progress import progress_bar
 
     from .batch import RESULTS_FILE, read_results, run_batch
     from .qc import default_model_name
@@ -332,7 +334,7 @@ def batch_cmd(
     wanted = [s.strip() for s in structures.split(",") if s.strip()] if structures else None
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("ETA"), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=False) as bar:
+    with progress_bar(*columns, console=console, transient=False) as bar:
         task = bar.add_task("starting", total=None)
 
         def progress(done: int, total: int, case_id: str) -> None:

@@ -99,7 +99,7 @@ def evaluate_nnqc(card_or_model, structure: str | None = None, per_band: int = 3
     "blank": {"pgt_dsc"}, "truth": {"pgt_dsc", "pseudo_dsc"}, "seconds_per_volume", "ddim_steps"}.
     HD95 agreement uses the volumes/slices where both values are finite.
     """
-    from rich.progress import Progress
+    from ..progress import progress_bar
 
     from ..degrade import DSC_BANDS, degrade_to_band
     from ..metrics import dice, slice_metrics, volume_metrics
@@ -117,7 +117,7 @@ def evaluate_nnqc(card_or_model, structure: str | None = None, per_band: int = 3
     vol = {"pseudo_dsc": [], "true_dsc": [], "pseudo_hd95": [], "true_hd95": [], "band": []}
     sl = {"pseudo_dsc": [], "true_dsc": [], "pseudo_hd95": [], "true_hd95": []}
     seconds = []
-    with Progress(disable=not progress) as bar:
+    with progress_bar(disable=not progress) as bar:
         task = bar.add_task(f"eval {structure} ({test.subject})", total=len(DSC_BANDS) * per_band + 2)
         for band in range(len(DSC_BANDS)):
             for _ in range(per_band):

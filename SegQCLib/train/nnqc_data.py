@@ -128,7 +128,7 @@ def build_slices(subject: LabelledSubject, structure: str, config: NNQCConfig, f
                  slice_indices: Sequence[int] | None = None) -> SliceSet:
     """Training slices of ``structure`` in ``subject`` (see the module docstring), seeded;
     ``slice_indices`` restricts them to those preprocessed (RAS) slices."""
-    from rich.progress import Progress
+    from ..progress import progress_bar
 
     rng = np.random.default_rng(seed)
     truth = subject.segmentation.mask(structure)
@@ -147,7 +147,7 @@ def build_slices(subject: LabelledSubject, structure: str, config: NNQCConfig, f
 
     head = pre.image > np.percentile(pre.image, 60)
     n = pre.transform.n_slices
-    with Progress(disable=not progress) as bar:
+    with progress_bar(disable=not progress) as bar:
         chosen = range(n) if slice_indices is None else [int(k) for k in slice_indices]
         task = bar.add_task(f"slices {structure} ({subject.subject})", total=len(chosen))
         for k in chosen:

@@ -182,11 +182,11 @@ def _run_steps(name: str, total: int, start: int, step_fn: Callable[[int], float
     steps, at the end and on Ctrl-C or SIGTERM at the end of the current step (then raise
     KeyboardInterrupt); ``on_val(step + 1)`` every ``val_every`` steps. SIGTERM is handled so that a
     background run (where SIGINT is ignored) stops cleanly with ``kill <pid>``."""
-    from rich.progress import Progress
+    from ..progress import progress_bar
 
     step, running = start, math.nan
     try:
-        with stop_between_steps() as stop, Progress(*_columns(), disable=not progress) as bar:
+        with stop_between_steps() as stop, progress_bar(*_columns(), disable=not progress) as bar:
             task = bar.add_task(name, total=total, completed=start, loss=0.0)
             for step in range(start, total):
                 loss = step_fn(step)

@@ -372,9 +372,9 @@ def generate_samples(dims: int, n_images: int, seed: int, patch: int = 64, pertu
     radius_range = tuple(radius_range or geometry["radius_range"])
     per = int(patches_per_perturbation or geometry["patches"])
     images, tris, tgts, n_gt, n_pred, group, kinds = [], [], [], [], [], [], []
-    from rich.progress import Progress
+    from ..progress import progress_bar
 
-    with Progress(disable=not progress, transient=True) as bar:
+    with progress_bar(disable=not progress, transient=True) as bar:
         task = bar.add_task(f"simulating {dims}D (seed {seed})", total=n_images)
         for i in range(n_images):
             rng = np.random.default_rng(seed * 1_000_003 + i)

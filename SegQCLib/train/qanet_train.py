@@ -149,7 +149,9 @@ def train(out_dir: str | Path, train_set: QANetSamples, val_set: QANetSamples, c
     sets must hold those and ``seg``); the best epoch is then the best mean validation Pearson r of
     the distances. Raises KeyboardInterrupt after saving the checkpoint on Ctrl-C / SIGTERM.
     """
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from ..progress import progress_bar
 
     from ..qc import resolve_device
 
@@ -212,7 +214,7 @@ def train(out_dir: str | Path, train_set: QANetSamples, val_set: QANetSamples, c
     bar_columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                    TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), TimeRemainingColumn())
     try:
-        with stop_between_steps() as stop, Progress(*bar_columns, disable=not progress) as bar:
+        with stop_between_steps() as stop, progress_bar(*bar_columns, disable=not progress) as bar:
             for epoch in range(start_epoch, options.epochs):
                 net.train(base is None)  # a frozen base keeps its batch-norm statistics
                 order = np.random.default_rng(options.seed * 1000 + epoch).permutation(len(train_set))

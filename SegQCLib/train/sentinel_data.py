@@ -288,7 +288,7 @@ def build_samples(split: str, config: SentinelConfig, seed: int = 0, per_band: i
     ``sentinel_dataset``; ``split`` then only names the progress bar); atlases: subjects whose
     labels are registered onto each subject for the algorithmic masks (None: the built-in ones).
     """
-    from rich.progress import Progress
+    from ..progress import progress_bar
 
     rng = np.random.default_rng(seed)
     strip_rng = np.random.default_rng([seed, 1])  # its own stream: stripping never changes the masks drawn
@@ -300,7 +300,7 @@ def build_samples(split: str, config: SentinelConfig, seed: int = 0, per_band: i
     v_dsc, v_name, v_kind, v_subject = [], [], [], []
     views: dict[tuple, tuple] = {}  # see _view
     brains: dict = {}  # image grid -> the subject's brain mask (or None), for skull stripping
-    with Progress(disable=not progress, transient=False) as bar:
+    with progress_bar(disable=not progress, transient=False) as bar:
         task = bar.add_task(f"samples {split}", total=len(pairs))
         for subject, structure in pairs:
             if strip_prob > 0 and subject.image.grid not in brains:

@@ -202,7 +202,9 @@ def train(out_dir: str | Path, train_set: SampleSet, val_set: SampleSet, config:
     after its last finished batch, so a resumed run continues the same draws. Raises
     KeyboardInterrupt after saving the checkpoint on Ctrl-C or SIGTERM.
     """
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, TextColumn, TimeRemainingColumn
+
+    from ..progress import progress_bar
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -255,7 +257,7 @@ def train(out_dir: str | Path, train_set: SampleSet, val_set: SampleSet, config:
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn())
     try:
-        with stop_between_steps() as stop, Progress(*columns, disable=not progress) as bar:
+        with stop_between_steps() as stop, progress_bar(*columns, disable=not progress) as bar:
             for epoch in range(at["epoch"], options.epochs):
                 net.train()
                 first, running = at["batch"], at["running"]
