@@ -214,6 +214,10 @@ def train(out_dir: str | Path, train_set: SampleSet, val_set: SampleSet, config:
     generator = torch.Generator().manual_seed(options.seed)
     device = torch.device(device)
     net = SentinelNet(resolve_backbone(config)).to(device)  # before the optimiser: its state follows the parameters
+    # channels-last convolutions: 1.3x faster training steps on CPU (benchmarks/bench_sentinel_train.py)
+    channels_last = device.type == "cpu"
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
     optimiser = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=options.lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=max(options.epochs, 1))
     # where the run stands: the next batch to train, the generator at the epoch's start and now, the loss EMA
@@ -277,7 +281,8 @@ def train(out_dir: str | Path, train_set: SampleSet, val_set: SampleSet, config:
                         names = torch.where(flipped, mirror[names], names)
                     text = train_text[names]
                     true = torch.from_numpy(train_set.dsc[idx]).float()
-                    pred = net(x.to(device), jitter_text(text, options.text_noise, generator).to(device)).cpu()
+                    x = x.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+                    pred = net(x, jitter_text(text, options.text_noise, generator).to(device)).cpu()
                     w = weights_per_bin[torch.clamp((true * options.bins).long(), 0, options.bins - 1)]
                     loss = (w * (pred - true) ** 2).mean()
                     if options.rank_weight:
