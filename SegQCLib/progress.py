@@ -4,7 +4,7 @@ rich draws a live bar on a terminal, but where the output is redirected (``segqc
 ``nohup``, a batch system's log) it draws nothing until the job ends: a 30-minute epoch would leave
 the log empty for 30 minutes. :func:`progress_bar` returns a rich ``Progress`` that, where its console
 is not a terminal, also prints a plain line per task at most every ``every_s`` seconds and when the
-task finishes: ``epoch 2/5: 1200/6134 (20 %) loss 0.0412, 5:31 elapsed, 22:10 left``.
+task finishes: ``epoch 2/5: 1200/6134 (20 %) loss 0.0412, 05:31 elapsed, 22:10 left``.
 """
 from __future__ import annotations
 
