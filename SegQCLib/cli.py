@@ -407,8 +407,14 @@ def train_sentinel_cmd(
     synthetic_subjects: int = typer.Option(0, "--synthetic-subjects", help="Add this many randomly warped copies "
                                            "of each training subject (anatomy and intensities; Colin27 for the "
                                            "built-in data; benchmarks/sentinel_phantom.md)."),
+    averaged_subjects: int = typer.Option(0, "--averaged-subjects", help="Add this many template-like copies of "
+                                          "Colin27 (the mean of 8 misregistered copies of one warp, labels by "
+                                          "vote; as MNI152 and study templates are made). Built-in data only."),
     name: Optional[str] = typer.Option(None, "--name", help="Name of the trained model (default: sentinel-brain-mr, "
                                        "or sentinel-<dataset folder> with --dataset)."),
+    init: Optional[str] = typer.Option(None, "--init", help="Fine-tune: start from this model's weights (an "
+                                       "installed name such as sentinel-brain-mr, or a model card); its network "
+                                       "settings must equal this run's."),
     epochs: int = typer.Option(12, "--epochs"),
     batch_size: int = typer.Option(64, "--batch-size"),
     lr: float = typer.Option(1e-3, "--lr"),
@@ -465,11 +471,20 @@ def train_sentinel_cmd(
         raise InputError("--train-subjects", "applies to --dataset only (the built-in data has one training subject)")
     if synthetic_subjects < 0:
         raise InputError("--synthetic-subjects", f"must be >= 0, got {synthetic_subjects}")
+    if averaged_subjects < 0:
+        raise InputError("--averaged-subjects", f"must be >= 0, got {averaged_subjects}")
+    if dataset is not None and averaged_subjects:
+        raise InputError("--averaged-subjects", "applies to the built-in brain MRI only, not with --dataset")
     if dataset is not None and strip_prob > 0:
         raise InputError("--strip-prob", "skull-stripped views exist for the built-in brain MRI only, not with --dataset")
+    init_card = None
+    if init is not None:  # an unknown name fails before any data is built; train() checks the network
+        from .models import find_card
+
+        init_card = find_card(init)
     if dataset is None:
         train_set = sample_set(data_dir, "train", config, per_band, algorithmic, log=console.print, strip_prob=strip_prob,
-                               synthetic=synthetic_subjects)
+                               synthetic=synthetic_subjects, averaged=averaged_subjects)
         val_set = sample_set(data_dir, "val", config, per_band, algorithmic, log=console.print)
     else:
         config = sentinel_dataset.dataset_config(dataset, config)
@@ -484,16 +499,18 @@ def train_sentinel_cmd(
     config.text_encoder, config.text_dim = encoder.name, encoder.dim
     options = TrainOptions(epochs=epochs, batch_size=batch_size, lr=lr, rank_weight=rank_weight, seed=seed,
                            intensity_prob=intensity_prob, text_noise=text_noise, flip_names=flip_names)
-    best = train(out, train_set, val_set, config, options, encoder, log=console.print, device=device)
+    best = train(out, train_set, val_set, config, options, encoder, log=console.print, device=device, init=init_card)
     if dataset is None:
         results = evaluate_model(best, data_dir, device=device, log=console.print)
-        extra = card_extra(config, options, train_set, val_set, strip_prob, synthetic_subjects)
+        extra = card_extra(config, options, train_set, val_set, strip_prob, synthetic_subjects, averaged_subjects)
     else:
         held_out = sentinel_dataset.test_set(dataset, data_dir, config, split_ids["test"], atlases,
                                              per_band, algorithmic, log=console.print)
         results = evaluate_sets(load_sentinel(best, device), {"test": held_out})
         extra = sentinel_dataset.dataset_card_extra(config, options, dataset, split_ids, atlases, train_set, val_set,
                                                     per_band, algorithmic)
+    if init_card is not None:
+        extra["fine_tuned_from"] = json.loads(init_card.read_text()).get("name", init_card.stem)
     console.print(format_report(results))
     card = write_card(best, out / name, name, results, extra)
     console.print(f"model card: {card}")
@@ -577,18 +594,11 @@ def eval_cmd(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the numbers as JSON here."),
 ) -> None:
     """Evaluate a QC model on held-out data: r (LCC), SROCC, MAE, MAP@5/10 at volume and slice level."""
-    from .qc import available_models, resolve_device
+    from .models import find_card
+    from .qc import resolve_device
     from .train.sentinel_cli import evaluate_model, format_report
 
-    card = Path(model)
-    if not card.is_file():
-        from .models import model_dirs
-
-        found = [d / f"{model}.json" for d in model_dirs() if (d / f"{model}.json").is_file()]
-        if not found:
-            names = ", ".join(e.name for e in available_models()) or "none installed"
-            raise InputError(model, f"unknown model (installed: {names})")
-        card = found[0]
+    card = find_card(model)
     _check_new_output(json_out, (card,))
     try:
         architecture = json.loads(card.read_text()).get("architecture")

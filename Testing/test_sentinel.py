@@ -255,14 +255,20 @@ def test_assess_reports_input_slice_indices_and_flags() -> None:
         assert by_index[11 - row["index"]] == pytest.approx(row["dsc"], abs=1e-5)
 
 
+def _two_structures(config: SentinelConfig) -> SampleSet:
+    """Samples of two validation structures of Colin27 (needs mricron-data), for short training runs."""
+    from SegQCLib.train.sentinel_data import build_samples
+
+    return build_samples("val", config, seed=0, per_band=1, extra_slices=2, algorithmic=0, progress=False,
+                         structures=["Pallidum_L", "Fusiform_L"])
+
+
 @needs_mricron
 def test_training_learns_and_resumes(tmp_path: Path) -> None:
-    from SegQCLib.train.sentinel_data import build_samples
     from SegQCLib.train.sentinel_train import TrainOptions, evaluate_predictions, predict_set, train
 
     config = _tiny_config(2)
-    samples = build_samples("val", config, seed=0, per_band=1, extra_slices=2, algorithmic=0, progress=False,
-                            structures=["Pallidum_L", "Fusiform_L"])
+    samples = _two_structures(config)
     encoder = _TwoNames(samples.names)
     options = TrainOptions(epochs=1, batch_size=16, lr=3e-3, seed=0)
     train(tmp_path, samples, samples, config, options, encoder, progress=False, log=lambda *_: None)
@@ -290,12 +296,10 @@ def test_training_stopped_inside_epochs_resumes_to_the_same_weights(tmp_path: Pa
     """Stopped at a batch (Ctrl-C) in epoch 1 and again in epoch 2, then run to the end: the
     weights, validation numbers and losses are those of the run that was never stopped."""
     from SegQCLib.train import sentinel_train
-    from SegQCLib.train.sentinel_data import build_samples
     from SegQCLib.train.sentinel_train import TrainOptions, train
 
     config = _tiny_config(2)
-    samples = build_samples("val", config, seed=0, per_band=1, extra_slices=2, algorithmic=0, progress=False,
-                            structures=["Pallidum_L", "Fusiform_L"])
+    samples = _two_structures(config)
     encoder = _TwoNames(samples.names)
     n_batches = int(np.count_nonzero(~np.isnan(samples.dsc))) // 16
     assert n_batches >= 4
@@ -333,6 +337,36 @@ def test_training_stopped_inside_epochs_resumes_to_the_same_weights(tmp_path: Pa
         return [{k: v for k, v in h.items() if k != "seconds"} for h in json.loads((run / "history.json").read_text())]
 
     assert without_times(stopped) == without_times(tmp_path / "straight")
+
+
+@needs_mricron
+def test_fine_tuning_starts_from_the_given_model_and_refuses_another_network(tmp_path: Path) -> None:
+    from SegQCLib.cli import main
+    from SegQCLib.train.sentinel_train import TrainOptions, train
+
+    config = _tiny_config(2)
+    samples = _two_structures(config)
+    encoder = _TwoNames(samples.names)
+    quiet = {"progress": False, "log": lambda *_: None}
+    base_card = train(tmp_path / "base", samples, samples, config, TrainOptions(epochs=1, batch_size=16, lr=3e-3, seed=0),
+                      encoder, **quiet)
+    base = load_model(base_card).net.state_dict()
+    # learning rate 0: Adam moves no parameter, so a fine-tuned run keeps the base model's, a fresh one its own draw
+    frozen = TrainOptions(epochs=1, batch_size=16, lr=0.0, seed=1)
+    tuned = load_model(train(tmp_path / "tuned", samples, samples, config, frozen, encoder, init=base_card, **quiet)).net
+    fresh = load_model(train(tmp_path / "fresh", samples, samples, config, frozen, encoder, **quiet)).net
+    for name, parameter in tuned.named_parameters():
+        assert torch.equal(parameter, base[name]), name
+    assert not all(torch.equal(p, base[n]) for n, p in fresh.named_parameters())
+    # another network is refused, naming the card and the setting, before any step
+    other = _tiny_config(2)
+    other.size = 48
+    with pytest.raises(InputError, match=r"best.json: cannot fine-tune from it: its size is 32, this run's is 48"):
+        train(tmp_path / "other", samples, samples, other, frozen, encoder, init=base_card, **quiet)
+    assert not (tmp_path / "other" / "checkpoint.pt").exists()
+    # the CLI names an unknown model before it builds any data
+    assert main(["train", "sentinel", "--out", str(tmp_path / "cli"), "--init", "no-such-model", "--epochs", "1"]) == 2
+    assert not (tmp_path / "cli").exists()
 
 
 def test_sigterm_and_ctrl_c_ask_to_stop_between_steps_and_a_second_one_stops_at_once() -> None:
@@ -529,3 +563,23 @@ def test_warped_copies_of_colin27_join_the_train_split_as_other_subjects(tmp_pat
     assert dice(grey, tissue.segmentation.mask("GreyMatter")) < 0.6
     with pytest.raises(ValueError, match="numbered from 1"):
         warped_pairs([(tissue, "GreyMatter")], 0, WARP_SEED)
+
+
+@needs_mricron
+def test_averaged_copies_of_colin27_join_the_train_split_as_other_subjects(tmp_path: Path, monkeypatch) -> None:
+    from SegQCLib.data import synthetic_subjects
+    from SegQCLib.train import sentinel_cli
+
+    monkeypatch.setattr(sentinel_cli, "TRAIN_PARTS", ("train-tissue",))
+    monkeypatch.setattr(synthetic_subjects, "AVERAGE_MEMBERS", 2)  # the default 8 take a minute on Colin27
+    config, built = _tiny_config(2), []
+    train = sentinel_cli.sample_set(tmp_path, "train", config, per_band=1, algorithmic=0, progress=False,
+                                    log=built.append, averaged=1)
+    assert len(built) == 2 and len(list(tmp_path.glob("train-tissue-t1-*.npz"))) == 1
+    assert not list(tmp_path.glob("train-tissue-w1-*.npz"))  # no warped copy was asked for
+    subjects = np.asarray(train.volume_subject)
+    copy = subjects == "colin27+avg1"
+    assert copy.sum() == (subjects == "colin27").sum() > 0 and set(subjects) == {"colin27", "colin27+avg1"}
+    kind = train.volume_kind
+    assert np.all(train.volume_dsc[copy & (kind == sentinel_cli.KINDS.index("wrong"))] == 0)  # voted labels stay exact
+    assert np.all(train.volume_dsc[copy & (kind == sentinel_cli.KINDS.index("good"))] > 0.6)

@@ -29,6 +29,22 @@ def model_dirs() -> list[Path]:
     return [d for d in dirs if d.is_dir()]
 
 
+def find_card(model: str | Path) -> Path:
+    """The model card of ``model``: a card path (``.json``) as given, else the card of that installed name
+    in :func:`model_dirs`; raises :class:`~SegQCLib.errors.InputError` naming the installed models."""
+    from ..errors import InputError
+    from ..qc import available_models
+
+    card = Path(model)
+    if card.is_file():
+        return card
+    found = [d / f"{model}.json" for d in model_dirs() if (d / f"{model}.json").is_file()]
+    if not found:
+        names = ", ".join(e.name for e in available_models()) or "none installed"
+        raise InputError(model, f"unknown model (installed: {names})")
+    return found[0]
+
+
 def _factory(card: Path, module: str, function: str):
     def build(device: str):
         return getattr(importlib.import_module(module), function)(card, device)

@@ -7,10 +7,12 @@ from typing import Any
 
 from ..models.sentinel import SentinelConfig, load_model
 from .sentinel_data import (
+    AVERAGE_SEED,
     KINDS,
     TRAIN_PARTS,
     WARP_SEED,
     SampleSet,
+    averaged_pairs,
     build_samples,
     ensure_cached,
     split_structures,
@@ -24,34 +26,48 @@ SPLIT_SEEDS = {"train-atlas": 0, "val": 1, "test-structures": 2, "test-subject":
 
 
 def sample_set(data_dir: Path, split: str, config: SentinelConfig, per_band: int = 3, algorithmic: int = 4,
-               progress: bool = True, log=print, strip_prob: float = 0.0, synthetic: int = 0) -> SampleSet:
+               progress: bool = True, log=print, strip_prob: float = 0.0, synthetic: int = 0,
+               averaged: int = 0) -> SampleSet:
     """The samples of ``split`` for ``config``'s input geometry, built once and cached in ``data_dir``
     (the train split: its :data:`TRAIN_PARTS`, each cached on its own, joined).
     ``strip_prob`` (skull-stripped images, see :func:`build_samples`) applies to the train split only;
-    so does ``synthetic``: the train split then also holds that many warped copies of its parts
-    (:func:`~SegQCLib.train.sentinel_data.warped_pairs`), each part and copy cached on its own (copies
-    are never skull-stripped: they have no brain mask of their own). Memory: about 2.1 GB of slices
-    per copy at the default geometry (parts are joined from their files, one at a time)."""
+    so do ``synthetic`` and ``averaged``: the train split then also holds that many warped copies of its
+    parts (:func:`~SegQCLib.train.sentinel_data.warped_pairs`) and that many template-like averaged
+    copies (:func:`~SegQCLib.train.sentinel_data.averaged_pairs`), each part and copy cached on its own
+    (copies are never skull-stripped: they have no brain mask of their own). Memory: about 2.1 GB of
+    slices per copy at the default geometry (parts are joined from their files, one at a time)."""
     if split == "train":
-        return SampleSet.concat([_part_file(data_dir, part, copy, config, per_band, algorithmic, progress, log, strip_prob)
-                                 for copy in range(synthetic + 1) for part in TRAIN_PARTS])
+        copies = [("warp", c) for c in range(synthetic + 1)] + [("avg", c) for c in range(1, averaged + 1)]
+        return SampleSet.concat([_part_file(data_dir, part, copy, config, per_band, algorithmic, progress, log,
+                                            strip_prob, kind)
+                                 for kind, copy in copies for part in TRAIN_PARTS])
     return SampleSet.load(_part_file(data_dir, split, 0, config, per_band, algorithmic, progress, log, 0.0))
 
 
 def _part_file(data_dir: Path, split: str, copy: int, config: SentinelConfig, per_band: int, algorithmic: int,
-               progress: bool, log, strip_prob: float) -> Path:
-    """The cache file of one split, train part, or warped copy ``copy`` (> 0) of a train part, built first if missing."""
+               progress: bool, log, strip_prob: float, kind: str = "warp") -> Path:
+    """The cache file of one split, train part, or copy ``copy`` (> 0) of a train part, built first if
+    missing: a warped copy (``kind`` "warp") or a template-like averaged one ("avg")."""
     training = split in TRAIN_PARTS
     strip_prob = strip_prob if training else 0.0
-    tag = f"{split}" + (f"-w{copy}" if copy else "")
+    tag = f"{split}" + ((f"-w{copy}" if kind == "warp" else f"-t{copy}") if copy else "")
     tag += f"-s{config.size}-m{config.margin_px}-c{config.context_mm:g}-b{per_band}-a{algorithmic}"
     tag += f"-p{strip_prob:g}" if strip_prob > 0 else ""
     # each copy draws its own masks: the seed differs from the original part's and from other copies'
-    seed = SPLIT_SEEDS[split] + 100 * copy
-    return ensure_cached(data_dir / f"{tag}.npz", lambda: build_samples(
-        split + (f"+warp{copy}" if copy else ""), config, seed=seed, per_band=per_band,
-        extra_slices=6 if training else 0, algorithmic=algorithmic, progress=progress, strip_prob=strip_prob,
-        pairs=warped_pairs(split_structures(split), copy, WARP_SEED + copy) if copy else None), log)
+    seed = SPLIT_SEEDS[split] + 100 * copy + (10_000 if kind == "avg" else 0)
+
+    def build() -> SampleSet:  # the copy's subjects are drawn only when its file is missing
+        if not copy:
+            pairs = None
+        elif kind == "warp":
+            pairs = warped_pairs(split_structures(split), copy, WARP_SEED + copy)
+        else:
+            pairs = averaged_pairs(split_structures(split), copy, AVERAGE_SEED + copy)
+        return build_samples(split + (f"+{kind}{copy}" if copy else ""), config, seed=seed, per_band=per_band,
+                             extra_slices=6 if training else 0, algorithmic=algorithmic, progress=progress,
+                             strip_prob=strip_prob, pairs=pairs)
+
+    return ensure_cached(data_dir / f"{tag}.npz", build, log)
 
 
 def evaluate_model(card_or_model, data_dir: Path, splits=EVAL_SPLITS, device: str = "cpu",
@@ -99,7 +115,7 @@ def describe_network(config: SentinelConfig) -> str:
 
 
 def card_extra(config: SentinelConfig, options, train_set: SampleSet, val_set: SampleSet,
-               strip_prob: float = 0.0, synthetic: int = 0) -> dict[str, Any]:
+               strip_prob: float = 0.0, synthetic: int = 0, averaged: int = 0) -> dict[str, Any]:
     """What a Sentinel model card says about its data, splits and training (besides measured metrics)."""
     from .sentinel_data import HELD_OUT_AAL, VAL_AAL
 
@@ -121,6 +137,9 @@ def card_extra(config: SentinelConfig, options, train_set: SampleSet, val_set: S
             "train_warped_copies": (f"{synthetic} randomly warped copies of Colin27 (affine + B-spline warp of "
                                     "image and labels, contrast scaled), sampled like the original; the original's "
                                     "labels are registered onto them for algorithmic masks") if synthetic else "none",
+            "train_averaged_copies": (f"{averaged} template-like copies of Colin27 (one random warp seen through 8 "
+                                      "residual 2 mm B-spline deformations: images averaged, labels voted)"
+                                      if averaged else "none"),
             "train_slices": int(len(train_set.x)), "train_volumes": int(len(train_set.volume_dsc)),
             "val_slices": int(len(val_set.x)),
         },

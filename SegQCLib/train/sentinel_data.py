@@ -44,6 +44,8 @@ KINDS = ("degraded", "good", "empty", "wrong", "algorithmic")
 TRAIN_PARTS = ("train-atlas", "train-tissue")
 #: Warped copy c of the built-in training subject uses the warp seed WARP_SEED + c (see :func:`warped_pairs`).
 WARP_SEED = 5_000
+#: Averaged copy c of the built-in training subject uses the seed AVERAGE_SEED + c (see :func:`averaged_pairs`).
+AVERAGE_SEED = 7_000
 
 
 @dataclass
@@ -190,12 +192,18 @@ def warped_pairs(pairs: list[tuple[LabelledSubject, str]], copy: int, seed: int)
 
     if copy < 1:
         raise ValueError(f"warped copies are numbered from 1, got {copy}")
-    warped: dict[int, LabelledSubject] = {}
+    return _on_copies(pairs, lambda subject: warped_subject(subject, seed=seed, name=f"{subject.subject}+warp{copy}"))
+
+
+def _on_copies(pairs: list[tuple[LabelledSubject, str]],
+               draw: Callable[[LabelledSubject], LabelledSubject]) -> list[tuple[LabelledSubject, str]]:
+    """``pairs`` with each subject replaced by ``draw(subject)``, drawn once per subject."""
+    copies: dict[int, LabelledSubject] = {}
     out = []
     for subject, structure in pairs:
-        if id(subject) not in warped:
-            warped[id(subject)] = warped_subject(subject, seed=seed, name=f"{subject.subject}+warp{copy}")
-        out.append((warped[id(subject)], structure))
+        if id(subject) not in copies:
+            copies[id(subject)] = draw(subject)
+        out.append((copies[id(subject)], structure))
     return out
 
 
@@ -270,6 +278,17 @@ def _view(subject: LabelledSubject, brain: np.ndarray | None, radius_mm: float |
         spacing_yx = (subject.image.grid.spacing[axes[1]], subject.image.grid.spacing[axes[2]])
         cache[key] = (axes, flips, spacing_yx, normalise_image(to_ras(array, axes, flips), config))
     return cache[key]
+
+
+def averaged_pairs(pairs: list[tuple[LabelledSubject, str]], copy: int, seed: int) -> list[tuple[LabelledSubject, str]]:
+    """``pairs`` with each subject replaced by its template-like copy number ``copy`` (1, 2, ...), a new
+    subject ``<subject>+avg<copy>`` drawn with ``seed`` (:func:`~SegQCLib.data.synthetic_subjects.averaged_subject`);
+    one seed keeps the labellings of one image one anatomy, as in :func:`warped_pairs`."""
+    from ..data.synthetic_subjects import averaged_subject
+
+    if copy < 1:
+        raise ValueError(f"averaged copies are numbered from 1, got {copy}")
+    return _on_copies(pairs, lambda subject: averaged_subject(subject, seed=seed, name=f"{subject.subject}+avg{copy}"))
 
 
 def build_samples(split: str, config: SentinelConfig, seed: int = 0, per_band: int = 3, extra_slices: int = 6,

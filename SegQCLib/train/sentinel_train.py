@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from ..models.sentinel import (SentinelConfig, SentinelNet, area_weighted_mean, load_backbone_checkpoint,
+from ..errors import InputError
+from ..models.sentinel import (SentinelConfig, SentinelNet, area_weighted_mean, load_backbone_checkpoint, load_model,
                                resolve_backbone, save_model)
 from .evaluation import agreement
 from .sentinel_data import KINDS, SampleSet
@@ -191,9 +192,31 @@ def text_table_for(names: list[str], encoder) -> torch.Tensor:
     return torch.from_numpy(np.asarray(encoder.encode(names), dtype=np.float32))
 
 
+#: SentinelConfig fields that do not shape the network or its inputs (may differ when fine-tuning)
+_TRAINING_ONLY_FIELDS = ("freeze_backbone",)
+
+
+def check_same_network(card: str | Path, config: SentinelConfig) -> None:
+    """Raise :class:`InputError` naming ``card`` and the first setting where its network differs from
+    ``config``'s (backbone, width, input size, context, text encoder, modality, ...)."""
+    try:
+        theirs = SentinelConfig.from_dict(json.loads(Path(card).read_text())["config"]).to_dict()
+    except (OSError, ValueError, KeyError) as err:
+        raise InputError(card, f"not a Sentinel model card ({err})") from None
+    ours = config.to_dict()
+    for key in ours:
+        if key not in _TRAINING_ONLY_FIELDS and theirs.get(key) != ours[key]:
+            raise InputError(card, f"cannot fine-tune from it: its {key} is {theirs.get(key)!r}, this run's is "
+                                   f"{ours[key]!r} (train with the same network settings)")
+
+
 def train(out_dir: str | Path, train_set: SampleSet, val_set: SampleSet, config: SentinelConfig,
-          options: TrainOptions, encoder, progress: bool = True, log=print, device: str = "cpu") -> Path:
+          options: TrainOptions, encoder, progress: bool = True, log=print, device: str = "cpu",
+          init: str | Path | None = None) -> Path:
     """Train (resuming from ``out_dir/checkpoint.pt`` when present); returns the best model card path.
+
+    ``init``: a model card whose weights a new run starts from (fine-tuning); its network must be
+    ``config``'s (:func:`check_same_network`). A resumed run continues from its checkpoint instead.
 
     The best epoch by validation volume-level LCC is saved as ``out_dir/best.{safetensors,json}``.
     ``device``: where the network runs ("cpu" or "cuda"); batches are drawn and augmented on the CPU
@@ -240,6 +263,10 @@ def train(out_dir: str | Path, train_set: SampleSet, val_set: SampleSet, config:
             generator.manual_seed(options.seed + at["epoch"])
             at.update(epoch_generator=generator.get_state(), generator=generator.get_state())
         log(f"resuming at epoch {at['epoch'] + 1}, batch {at['batch']} (best val volume LCC {best:.4f})")
+    elif init is not None:
+        check_same_network(init, config)
+        net.load_state_dict(load_model(init).net.state_dict())
+        log(f"fine-tuning {init}")
     elif config.is_openclip:  # SegAE: start from the pretrained open_clip tower
         log(f"open_clip vision tower from {load_backbone_checkpoint(net, config)}"
             f"{' (frozen)' if config.freeze_backbone else ''}")
