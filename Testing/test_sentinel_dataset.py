@@ -188,6 +188,9 @@ def test_dataset_training_refuses_bad_input(tmp_path: Path, capsys) -> None:
     assert main(["train", "sentinel", "--dataset", str(three), "--strip-prob", "0.3",
                  "--out", str(tmp_path / "r2"), *TRAIN_ARGS]) == 2
     assert "built-in brain MRI only" in capsys.readouterr().err
+    assert main(["train", "sentinel", "--dataset", str(three), "--averaged-subjects", "1",
+                 "--out", str(tmp_path / "r2"), *TRAIN_ARGS]) == 2
+    assert "--averaged-subjects: applies to the built-in brain MRI only" in capsys.readouterr().err
     # the shipped brain MRI model is not scored on a CT dataset
     assert main(["eval", "sentinel-brain-mr", "--dataset", str(three), "--data", str(tmp_path / "d")]) == 2
     assert "is a CT dataset; the model was trained on MR" in capsys.readouterr().err
