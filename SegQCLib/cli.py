@@ -409,7 +409,8 @@ def train_sentinel_cmd(
                                            "built-in data; benchmarks/sentinel_phantom.md)."),
     averaged_subjects: int = typer.Option(0, "--averaged-subjects", help="Add this many template-like copies of "
                                           "Colin27 (the mean of 8 misregistered copies of one warp, labels by "
-                                          "vote; as MNI152 and study templates are made). Built-in data only."),
+                                          "vote; as MNI152 and study templates are made). Built-in data only "
+                                          "(benchmarks/sentinel_warped_brain.md: did not lift MNI152)."),
     name: Optional[str] = typer.Option(None, "--name", help="Name of the trained model (default: sentinel-brain-mr, "
                                        "or sentinel-<dataset folder> with --dataset)."),
     init: Optional[str] = typer.Option(None, "--init", help="Fine-tune: start from this model's weights (an "
@@ -477,17 +478,20 @@ def train_sentinel_cmd(
         raise InputError("--averaged-subjects", "applies to the built-in brain MRI only, not with --dataset")
     if dataset is not None and strip_prob > 0:
         raise InputError("--strip-prob", "skull-stripped views exist for the built-in brain MRI only, not with --dataset")
+    if dataset is not None:
+        config = sentinel_dataset.dataset_config(dataset, config)
     init_card = None
-    if init is not None:  # an unknown name fails before any data is built; train() checks the network
+    if init is not None:  # fail before any data is built; the text encoder is checked by train()
         from .models import find_card
+        from .train.sentinel_train import check_same_network
 
         init_card = find_card(init)
+        check_same_network(init_card, config, ignore=("text_encoder", "text_dim"))
     if dataset is None:
         train_set = sample_set(data_dir, "train", config, per_band, algorithmic, log=console.print, strip_prob=strip_prob,
                                synthetic=synthetic_subjects, averaged=averaged_subjects)
         val_set = sample_set(data_dir, "val", config, per_band, algorithmic, log=console.print)
     else:
-        config = sentinel_dataset.dataset_config(dataset, config)
         split_ids, atlases, train_set, val_set = sentinel_dataset.training_sets(
             dataset, data_dir, config, per_band, algorithmic, val_fraction, test_fraction, seed, train_subjects,
             synthetic_subjects, log=console.print)

@@ -340,7 +340,7 @@ def test_training_stopped_inside_epochs_resumes_to_the_same_weights(tmp_path: Pa
 
 
 @needs_mricron
-def test_fine_tuning_starts_from_the_given_model_and_refuses_another_network(tmp_path: Path) -> None:
+def test_fine_tuning_starts_from_the_given_model_and_refuses_another_network(tmp_path: Path, capsys) -> None:
     from SegQCLib.cli import main
     from SegQCLib.train.sentinel_train import TrainOptions, train
 
@@ -364,8 +364,11 @@ def test_fine_tuning_starts_from_the_given_model_and_refuses_another_network(tmp
     with pytest.raises(InputError, match=r"best.json: cannot fine-tune from it: its size is 32, this run's is 48"):
         train(tmp_path / "other", samples, samples, other, frozen, encoder, init=base_card, **quiet)
     assert not (tmp_path / "other" / "checkpoint.pt").exists()
-    # the CLI names an unknown model before it builds any data
+    # the CLI names an unknown model, or another network, before it builds any data
     assert main(["train", "sentinel", "--out", str(tmp_path / "cli"), "--init", "no-such-model", "--epochs", "1"]) == 2
+    assert main(["train", "sentinel", "--out", str(tmp_path / "cli"), "--init", str(base_card), "--backbone", "resnet10",
+                 "--widen", "0.25", "--size", "48", "--epochs", "1"]) == 2
+    assert "cannot fine-tune from it: its size is 32, this run's is 48" in capsys.readouterr().err
     assert not (tmp_path / "cli").exists()
 
 

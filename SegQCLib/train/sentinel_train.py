@@ -196,16 +196,17 @@ def text_table_for(names: list[str], encoder) -> torch.Tensor:
 _TRAINING_ONLY_FIELDS = ("freeze_backbone",)
 
 
-def check_same_network(card: str | Path, config: SentinelConfig) -> None:
+def check_same_network(card: str | Path, config: SentinelConfig, ignore: tuple[str, ...] = ()) -> None:
     """Raise :class:`InputError` naming ``card`` and the first setting where its network differs from
-    ``config``'s (backbone, width, input size, context, text encoder, modality, ...)."""
+    ``config``'s (backbone, width, input size, context, text encoder, modality, ...); settings named in
+    ``ignore`` are not compared (those not known yet)."""
     try:
         theirs = SentinelConfig.from_dict(json.loads(Path(card).read_text())["config"]).to_dict()
     except (OSError, ValueError, KeyError) as err:
         raise InputError(card, f"not a Sentinel model card ({err})") from None
     ours = config.to_dict()
     for key in ours:
-        if key not in _TRAINING_ONLY_FIELDS and theirs.get(key) != ours[key]:
+        if key not in _TRAINING_ONLY_FIELDS + ignore and theirs.get(key) != ours[key]:
             raise InputError(card, f"cannot fine-tune from it: its {key} is {theirs.get(key)!r}, this run's is "
                                    f"{ours[key]!r} (train with the same network settings)")
 
