@@ -44,25 +44,25 @@ def sample_set(data_dir: Path, split: str, config: SentinelConfig, per_band: int
     return SampleSet.load(_part_file(data_dir, split, 0, config, per_band, algorithmic, progress, log, 0.0))
 
 
+#: kind of copy of a train part -> (cache-file letter, offset of its mask seeds, its pairs, base of its subject seeds)
+_COPY_KINDS = {"warp": ("w", 0, warped_pairs, WARP_SEED), "avg": ("t", 10_000, averaged_pairs, AVERAGE_SEED)}
+
+
 def _part_file(data_dir: Path, split: str, copy: int, config: SentinelConfig, per_band: int, algorithmic: int,
                progress: bool, log, strip_prob: float, kind: str = "warp") -> Path:
     """The cache file of one split, train part, or copy ``copy`` (> 0) of a train part, built first if
     missing: a warped copy (``kind`` "warp") or a template-like averaged one ("avg")."""
     training = split in TRAIN_PARTS
     strip_prob = strip_prob if training else 0.0
-    tag = f"{split}" + ((f"-w{copy}" if kind == "warp" else f"-t{copy}") if copy else "")
+    letter, seed_offset, copy_pairs, subject_seed = _COPY_KINDS[kind]
+    tag = f"{split}" + (f"-{letter}{copy}" if copy else "")
     tag += f"-s{config.size}-m{config.margin_px}-c{config.context_mm:g}-b{per_band}-a{algorithmic}"
     tag += f"-p{strip_prob:g}" if strip_prob > 0 else ""
     # each copy draws its own masks: the seed differs from the original part's and from other copies'
-    seed = SPLIT_SEEDS[split] + 100 * copy + (10_000 if kind == "avg" else 0)
+    seed = SPLIT_SEEDS[split] + 100 * copy + (seed_offset if copy else 0)
 
     def build() -> SampleSet:  # the copy's subjects are drawn only when its file is missing
-        if not copy:
-            pairs = None
-        elif kind == "warp":
-            pairs = warped_pairs(split_structures(split), copy, WARP_SEED + copy)
-        else:
-            pairs = averaged_pairs(split_structures(split), copy, AVERAGE_SEED + copy)
+        pairs = copy_pairs(split_structures(split), copy, subject_seed + copy) if copy else None
         return build_samples(split + (f"+{kind}{copy}" if copy else ""), config, seed=seed, per_band=per_band,
                              extra_slices=6 if training else 0, algorithmic=algorithmic, progress=progress,
                              strip_prob=strip_prob, pairs=pairs)
