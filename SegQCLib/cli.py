@@ -571,6 +571,8 @@ def train_qanet_cmd(
     epochs: Optional[int] = typer.Option(None, "--epochs"),
     max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="Stop (and keep the best) after this long."),
     device: str = typer.Option("auto", "--device"),
+    seed: int = typer.Option(0, "--seed", help="Training seed (network start, patch choice and order); the simulated "
+                             "data and its held-out split stay the same."),
     extend: Optional[Path] = typer.Option(None, "--extend", help="Card of a trained QANet: add the boundary-distance "
                                           "heads (MHD95, ASD in px) on its frozen network; its other outputs stay the same."),
 ) -> None:
@@ -582,7 +584,7 @@ def train_qanet_cmd(
         raise InputError("--dims", f"must be 2 or 3, got {dims}")
     extra = {"extend": extend, "targets": ("seg",) + DISTANCE_TARGETS} if extend else {}
     card, _ = train_qanet(out, dims=dims, name=name, fusion=fusion, encoding=encoding, epochs=epochs,
-                          max_minutes=max_minutes, device=device, log=console.print, **extra)
+                          max_minutes=max_minutes, device=device, seed=seed, log=console.print, **extra)
     console.print(f"model card: {card}")
 
 

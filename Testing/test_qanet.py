@@ -733,3 +733,30 @@ def test_stack_slice_samples_are_2d_patches_of_simulated_stacks() -> None:
     assert set(np.unique(stacks.tri)) <= {0, 1, 2} and (stacks.tri == 2).any()
     with pytest.raises(ValueError, match="stack_slices"):
         generate_samples(3, 1, seed=4, stack_slices=True, patch=16, progress=False)
+
+
+def test_train_qanet_cli_seed_changes_the_start_is_recorded_and_repeats(tmp_path, monkeypatch) -> None:
+    """`segqc train qanet --seed N`: another seed trains other weights on the same simulated data, the
+    card records it, and the same seed gives the same weights again."""
+    from safetensors.torch import load_file
+
+    from SegQCLib.cli import main
+    from SegQCLib.train import qanet_cli
+
+    tiny = dict(qanet_cli.DEFAULTS[2], train=10, val=2, test=2, train_patches=96, epochs=1, patch=32, width=0.125,
+                batch_size=32, stack_train=0, stack_val=0, stack_test=0)
+    monkeypatch.setitem(qanet_cli.DEFAULTS, 2, tiny)
+    threads = torch.get_num_threads()
+    weights = {}
+    try:
+        for run, seed in (("a", 1), ("b", 2), ("c", 1)):
+            assert main(["train", "qanet", "--dims", "2", "--out", str(tmp_path / run), "--seed", str(seed),
+                         "--device", "cpu"]) == 0
+            card = json.loads((tmp_path / run / "qanet-nuclei-2d.json").read_text())
+            assert card["training"]["seed"] == seed
+            weights[run] = load_file(str(tmp_path / run / card["weights"]))
+    finally:
+        torch.set_num_threads(threads)
+    assert len(list((tmp_path / "qanet-data").glob("train-*.npz"))) == 1  # one simulated train set for all runs
+    assert any(not torch.equal(weights["a"][k], weights["b"][k]) for k in weights["a"])
+    assert all(torch.equal(weights["a"][k], weights["c"][k]) for k in weights["a"])
