@@ -164,13 +164,18 @@ def _qc_instances(model_name: str, image: Path, labels: Path, device: str, json_
                       *((_fmt(float(row["seg_objects"])),) if whole else ()))
     console.print(table)
     source = "whole-object SEG" if whole else "patch SEG"
-    console.print(f"image SEG (predicted): {_fmt(float(result.image_score))}, the instance average of the {source} "
+    how = ("the instance average" if any(row["n_instances"] for row in result.patches)
+           else "no instance in the segmentation: the mean")
+    console.print(f"image SEG (predicted): {_fmt(float(result.image_score))}, {how} of the {source} "
                   f"of {len(result.patches)} patches; runtime {result.runtime_s:.2f} s")
     scores = result.extra.get("image_scores", {})
     if "mhd95" in scores or "asd" in scores:
-        console.print("boundary distances (predicted, instance averages, px of the image): "
-                      + ", ".join(f"{label} {scores[key]:.2f}" for key, label in (("mhd95", "MHD95"), ("asd", "ASD"))
-                                  if key in scores))
+        distances = [(label, scores[key]) for key, label in (("mhd95", "MHD95"), ("asd", "ASD")) if key in scores]
+        if all(math.isfinite(value) for _, value in distances):
+            console.print("boundary distances (predicted, instance averages, px of the image): "
+                          + ", ".join(f"{label} {value:.2f}" for label, value in distances))
+        else:
+            console.print("boundary distances: none, the segmentation has no instance to measure")
     in_pieces = int(result.extra.get("instances_in_pieces", 0))
     if in_pieces:
         console.print(f"{in_pieces} instance(s) lie in several pieces under one id (counted per z slice when a 2D "

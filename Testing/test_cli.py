@@ -157,6 +157,14 @@ def _nifti(array: np.ndarray, spacing=None):
     return write
 
 
+def _tiff(array: np.ndarray):
+    def write(path: Path) -> None:
+        import tifffile
+
+        tifffile.imwrite(path, array)
+    return write
+
+
 def _truncated_copy(src: Path):
     return lambda path: path.write_bytes(src.read_bytes()[: src.stat().st_size // 2])
 
@@ -186,6 +194,19 @@ CASES = {
     "bad-band": lambda f, t: (["degrade", f["ref"], "--dsc-band", "0.9", "0.2", "-o", t / "o.nii.gz"], "--dsc-band"),
     "overwrite-input": lambda f, t: (["degrade", f["pred"], "--dsc-band", "0.5", "0.75", "-o", f["pred"]],
                                      "would overwrite an input"),
+    # instance segmentations (QANet): the user's file is named, not the argument
+    "qanet-shape": lambda f, t: (["qc", _bad(t, "cells.tif", _tiff(np.ones((40, 48), np.float32))),
+                                  _bad(t, "labels.tif", _tiff(np.ones((40, 40), np.int32))), "--model", "qanet-nuclei-2d"],
+                                 "labels.tif: shape (40, 40) differs from the shape (40, 48) of"),
+    "qanet-nan": lambda f, t: (["qc", _bad(t, "nan.tif", _tiff(np.full((40, 40), np.nan, np.float32))),
+                                _bad(t, "labels.tif", _tiff(np.ones((40, 40), np.int32))), "--model", "qanet-nuclei-2d"],
+                               "nan.tif: contains NaN"),
+    "qanet-fractional-labels": lambda f, t: (["qc", _bad(t, "cells.tif", _tiff(np.ones((40, 40), np.float32))),
+                                              _bad(t, "prob.tif", _tiff(np.full((40, 40), 0.5, np.float32))),
+                                              "--model", "qanet-nuclei-2d"], "prob.tif: must be an integer instance"),
+    "qanet-corrupt-tif": lambda f, t: (["qc", _bad(t, "broken.tif", lambda p: p.write_bytes(b"II*\x00" + b"x" * 60)),
+                                        _bad(t, "labels.tif", _tiff(np.ones((40, 40), np.int32))),
+                                        "--model", "qanet-nuclei-2d"], "broken.tif: cannot read image"),
 }
 
 
@@ -246,6 +267,28 @@ def test_qc_with_the_shipped_qanet_scores_instances_per_patch(tmp_path, capsys):
     # holes are filled for the network and cost only the pixels they take
     assert with_holes == {"true": 0, "merged": 0, "holed": 5}
     assert scores["true"] - 0.05 < scores["holed"] < scores["true"]
+
+
+def test_qc_of_an_empty_instance_segmentation_scores_low_and_has_no_distances(tmp_path, capsys):
+    """An empty label image misses every nucleus: the shipped model scores it near 0, and its boundary
+    distances are null (no outline to measure), not a number."""
+    import tifffile
+
+    from SegQCLib.data.cells import simulate_cells
+
+    image, labels = simulate_cells((192, 192), 20, seed=11)
+    tifffile.imwrite(tmp_path / "cells.tif", image)
+    tifffile.imwrite(tmp_path / "empty.tif", np.zeros_like(labels))
+    out = tmp_path / "empty.json"
+    assert main(["qc", str(tmp_path / "cells.tif"), str(tmp_path / "empty.tif"), "--model", "qanet-nuclei-2d",
+                 "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert 0.0 <= data["image_score"]["seg"] <= 0.1
+    assert data["image_score"]["mhd95"] is None and data["image_score"]["asd"] is None
+    assert all(row["n_instances"] == 0 for row in data["patches"])
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "no instance in the segmentation: the mean" in printed
+    assert "the segmentation has no instance to measure" in printed
 
 
 def test_qc_with_the_shipped_3d_qanet_cuts_kissing_nuclei_at_the_neck(tmp_path, capsys):

@@ -752,8 +752,8 @@ class QANetQC:
             network sees them and an instance in several pieces is scored piece by piece, each
             piece's score times the share of its filled instance it covers (:func:`scored_pieces`),
             as SEG bounds such errors; with ``necks``, pieces are also cut at necks into bodies.
-            With no evaluated instance, the plain mean of
-            the patch predictions. A model with distance heads also gives ``extra["image_scores"]["mhd95"]``
+            With no evaluated instance (an empty segmentation), the plain mean of
+            the patch predictions; boundary distances are then NaN (null in JSON). A model with distance heads also gives ``extra["image_scores"]["mhd95"]``
             and ``["asd"]`` (and the same keys in each patch row): instance averages in px of the input
             image, not multiplied by the pieces' cover; a piece of an instance in pieces apart adds the
             distances of the other pieces' outlines to it (:func:`combine_distances`). ``n_instances`` in the
@@ -800,7 +800,8 @@ class QANetQC:
         """Image scores: the mean over instances of each instance's score (the mean prediction of the
         patches holding it, weighted by its pixels in each), an instance weighing max(1, size /
         typical size) — a merged instance counts as the nuclei it covers, as SEG counts them. Without
-        counted instances, the plain mean of the patch predictions."""
+        counted instances (an empty segmentation), the plain mean of the patch predictions for SEG-like
+        heads, and NaN for boundary distances, which are undefined without an outline."""
         inst_scores = np.concatenate([s for s, *_ in instances]) if instances else np.zeros((0, preds.shape[1]))
         inst_weights = np.concatenate([w for _, w, *_ in instances]) if instances else np.zeros(0)
         patch_weights = np.array([row["n_instances"] for row in rows], dtype=np.float64)
@@ -812,8 +813,12 @@ class QANetQC:
                 continue
             patch_weighted[target] = (float(np.average(values, weights=patch_weights)) if patch_weights.sum() > 0
                                       else float(values.mean()))
-            scores[target] = (float(np.average(inst_scores[:, k], weights=inst_weights)) if inst_weights.sum() > 0
-                              else float(values.mean()))
+            if inst_weights.sum() > 0:
+                scores[target] = float(np.average(inst_scores[:, k], weights=inst_weights))
+            elif target in DISTANCE_TARGETS:  # no instance, no outline: a distance is undefined
+                scores[target] = patch_weighted[target] = math.nan
+            else:
+                scores[target] = float(values.mean())
         headline = scores[IMAGE_TARGET] if IMAGE_TARGET in scores else scores["seg"]
         return QANetResult(self.name, headline, rows, heat, float(scale), p,
                            time.perf_counter() - start_time,

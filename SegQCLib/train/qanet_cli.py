@@ -9,7 +9,9 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -245,23 +247,44 @@ def format_report(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def _tifffile_messages(into: list[str]):
+    """Collect what tifffile logs (a corrupt file's page table, say) into ``into`` instead of stderr."""
+    logger = logging.getLogger("tifffile")
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: into.append(record.getMessage())  # type: ignore[method-assign]
+    propagate = logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+
+
 def read_instance_image(path: str | Path) -> np.ndarray:
     """A 2D or 3D array from a TIFF (tifffile, singleton axes squeezed) or any SimpleITK-readable file
     (NIfTI, NRRD, MHA, PNG...; (z, y, x) order). Raises InputError when unreadable or not 2D/3D."""
     path = Path(path)
     if not path.exists():
         raise InputError(path, "no such file")
+    warnings: list[str] = []
     try:
         if path.suffix.lower() in (".tif", ".tiff"):
-            import tifffile
+            with _tifffile_messages(warnings):
+                import tifffile
 
-            array = np.asarray(tifffile.imread(str(path)))
+                array = np.asarray(tifffile.imread(str(path)))
         else:
             import SimpleITK as sitk
 
             array = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
     except Exception as err:  # readers raise many types for corrupt files
         raise InputError(path, f"cannot read image ({str(err).splitlines()[0][:200]})") from None
+    if array.size == 0:  # tifffile logs a broken page table and returns nothing rather than raising
+        why = f" ({warnings[0][:200]})" if warnings else ""
+        raise InputError(path, f"cannot read image: no image data, the file is corrupt or empty{why}")
     array = np.squeeze(array)
     if array.ndim not in (2, 3):
         raise InputError(path, f"expected a 2D or 3D image, got shape {array.shape} (split channels/time first)")
@@ -286,7 +309,21 @@ def qc_instances(model: str | Path | QANetQC, image: str | Path | np.ndarray, la
             raise InputError(str(model), "is not a QANet (instance segmentation) model")
     image_array = read_instance_image(image) if isinstance(image, (str, Path)) else np.asarray(image)
     label_array = read_instance_image(labels) if isinstance(labels, (str, Path)) else np.asarray(labels)
-    return qc.assess_instances(image_array, label_array, patch, overlap=overlap, scale=scale)
+    files = {"image": image, "labels": labels}
+    if label_array.shape != image_array.shape:
+        raise InputError(_source(labels, "labels"), f"shape {label_array.shape} differs from the shape "
+                         f"{image_array.shape} of {_source(image, 'the image')}")
+    try:
+        return qc.assess_instances(image_array, label_array, patch, overlap=overlap, scale=scale)
+    except InputError as err:  # name the user's file, not the argument
+        if err.source in files and isinstance(files[err.source], (str, Path)):
+            raise InputError(files[err.source], err.problem) from None
+        raise
+
+
+def _source(value: Any, fallback: str) -> str:
+    """The file a value came from, or ``fallback`` for an in-memory array."""
+    return str(value) if isinstance(value, (str, Path)) else fallback
 
 
 def ship_model(card: str | Path, out_stem: str | Path, name: str, extra: dict[str, Any] | None = None) -> Path:
