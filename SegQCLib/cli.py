@@ -73,6 +73,10 @@ def print_result(result: QCResult, truth: QCResult | None = None, keys: tuple[st
         console.print("truth:  " + ", ".join(f"{k}={_fmt(v)}" for k, v in truth.volume.items()))
     console.print(f"flagged slices (dsc < {result.threshold:g}): {len(result.flagged)} of {len(result.slices)}"
                   f"; runtime {result.runtime_s:.2f} s")
+    if result.extra.get("structure_seen_in_training") is False:
+        console.print(f"note: {result.model} was not trained on a structure named '{result.label}' (nearest name it "
+                      f"knows: '{result.extra.get('nearest_trained_structure')}'); it reads the mask against what that "
+                      "name suggests, so its scores are less reliable (see the model card's test-structures metrics)")
 
 
 def _load_pair(image_path: Path, seg_path: Path, label: Optional[str]):
@@ -518,8 +522,13 @@ def train_sentinel_cmd(
         results = evaluate_sets(load_sentinel(best, device), {"test": held_out})
         extra = sentinel_dataset.dataset_card_extra(config, options, dataset, split_ids, atlases, train_set, val_set,
                                                     per_band, algorithmic)
+    base_card = json.loads(init_card.read_text()) if init_card is not None else {}
     if init_card is not None:
-        extra["fine_tuned_from"] = json.loads(init_card.read_text()).get("name", init_card.stem)
+        extra["fine_tuned_from"] = base_card.get("name", init_card.stem)
+    # the names the network learnt, so that inference can say when a name is new to it (unknown when the
+    # model it was fine-tuned from does not list its own)
+    if init_card is None or "trained_structures" in base_card:
+        extra["trained_structures"] = sorted(set(train_set.names) | set(base_card.get("trained_structures", [])))
     console.print(format_report(results))
     card = write_card(best, out / name, name, results, extra)
     console.print(f"model card: {card}")

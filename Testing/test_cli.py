@@ -127,6 +127,27 @@ def test_qc_with_the_shipped_model_writes_the_json_contract(files, tmp_path: Pat
 
 
 @pytest.mark.skipif(not SHIPPED.exists(), reason="no shipped Sentinel model")
+def test_qc_says_when_the_structure_name_is_new_to_the_model(files, tmp_path: Path, capsys) -> None:
+    """The hippocampus is held out of the shipped model's training: the result says so and names the
+    closest structure it knows; a trained name (the left putamen, given with --name) gets no such note."""
+    card = json.loads(SHIPPED.read_text())
+    assert "Hippocampus_R" not in card["trained_structures"] and "Putamen_L" in card["trained_structures"]
+    out = tmp_path / "qc.json"
+    assert run_cli("qc", files["image"], files["ref"], "--label", "Hippocampus_R", "--model", "sentinel-brain-mr",
+                   "--device", "cpu", "--json", out) == 0
+    extra = json.loads(out.read_text())["extra"]
+    assert extra["structure_seen_in_training"] is False
+    assert extra["nearest_trained_structure"] == "ParaHippocampal_R"
+    assert "was not trained on a structure named 'Hippocampus_R'" in " ".join(capsys.readouterr().out.split())
+    seen = tmp_path / "seen.json"
+    assert run_cli("qc", files["image"], files["ref"], "--label", "Hippocampus_R", "--name", "Putamen_L", "--model",
+                   "sentinel-brain-mr", "--device", "cpu", "--json", seen) == 0
+    extra = json.loads(seen.read_text())["extra"]
+    assert extra["structure_seen_in_training"] is True and "nearest_trained_structure" not in extra
+    assert "was not trained" not in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not SHIPPED.exists(), reason="no shipped Sentinel model")
 def test_demo_uses_the_installed_model_with_truth_beside(capsys) -> None:
     assert run_cli("demo", "--device", "cpu") == 0
     text = capsys.readouterr().out

@@ -137,6 +137,7 @@ def test_train_and_eval_on_a_dataset(tmp_path: Path) -> None:
     assert len(subjects["test"]) == 1 and len(subjects["val"]) == 1
     assert card["config"]["modality"] == "CT" and "Phantom" in card["description"]
     assert card["data"]["structures"] == sorted(ORGANS.values())
+    assert card["trained_structures"] == sorted(ORGANS.values())  # what inference calls seen
     test = card["metrics"]["test"]
     # one held-out subject: 4 organs x (5 bands + good + empty + wrong + algorithmic, one of each) volumes
     assert test["volume"]["n"] == 4 * 9

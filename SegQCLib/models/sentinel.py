@@ -19,10 +19,12 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
@@ -299,13 +301,42 @@ class SentinelQC:
     kind = "regressor"
 
     def __init__(self, name: str, net: SentinelNet, config: SentinelConfig, text_encoder=None,
-                 device: str = "cpu", batch_size: int = 64):
+                 device: str = "cpu", batch_size: int = 64, trained_structures: Sequence[str] | None = None):
+        """``trained_structures``: the structure names the network was trained on (the card's
+        ``trained_structures``); None when unknown (older cards), and then no name is called unseen."""
         self.name = name
         self.config = config
         self.device = torch.device(device)
         self.net = net.to(self.device).eval()
         self._text_encoder = text_encoder
         self.batch_size = batch_size
+        self.trained_structures = tuple(trained_structures) if trained_structures else None
+        self._trained_text: torch.Tensor | None = None
+
+    def nearest_trained_structure(self, label: str) -> str | None:
+        """The trained structure whose name embeds closest to ``label`` (cosine of the text encoder's
+        embeddings); None when the trained structures are unknown."""
+        if not self.trained_structures:
+            return None
+        if self._trained_text is None:
+            table = torch.from_numpy(np.asarray(self.text_encoder.encode(list(self.trained_structures)), np.float32))
+            self._trained_text = F.normalize(table, dim=1)
+        query = F.normalize(torch.from_numpy(np.asarray(self.text_encoder.encode([label]), np.float32)), dim=1)
+        return self.trained_structures[int((self._trained_text @ query[0]).argmax())]
+
+    def structure_notes(self, label: str) -> dict[str, Any]:
+        """``{"structure_seen_in_training": bool, "nearest_trained_structure": name}`` (the latter only for
+        an unseen name); empty when the card does not list its trained structures.
+
+        Why: the text condition is how the network knows what the mask should look like. A structure it
+        never saw is read as a poor mask of a known one whose name is close: on held-out brain structures,
+        nearly perfect hippocampus masks scored 0.37-0.40 (true 0.83-0.92), read against ParaHippocampal
+        (``benchmarks/sentinel_warped_brain.md``, session 19). Callers should say so beside the score."""
+        if not self.trained_structures:
+            return {}
+        if label in self.trained_structures:
+            return {"structure_seen_in_training": True}
+        return {"structure_seen_in_training": False, "nearest_trained_structure": self.nearest_trained_structure(label)}
 
     @property
     def text_encoder(self):
@@ -356,7 +387,8 @@ class SentinelQC:
         rows = [{"index": int(to_input(k)), "dsc": float(scores[k]), "area_px": int(areas[k])} for k in table_idx]
         return QCResult.from_slice_scores(self.name, label, {"dsc": volume_dsc}, rows, threshold,
                                           runtime_s=time.perf_counter() - start,
-                                          extra={"slice_axis": int(axes[0]), "volume_slices": [int(to_input(k)) for k in volume_idx]})
+                                          extra={"slice_axis": int(axes[0]), "volume_slices": [int(to_input(k)) for k in volume_idx],
+                                                 **self.structure_notes(label)})
 
 
 # --------------------------------------------------------------------------- weights
@@ -396,7 +428,8 @@ def load_model(card_path: str | Path, device: str = "cpu") -> SentinelQC:
     if missing or unexpected:
         raise InputError(weights, f"weights do not fit the card's architecture (missing {missing[:3]}, "
                                   f"unexpected {unexpected[:3]})")
-    return SentinelQC(card.get("name", card_path.stem), net, config, device=device)
+    return SentinelQC(card.get("name", card_path.stem), net, config, device=device,
+                      trained_structures=card.get("trained_structures"))
 
 
 # The public Quality Sentinel release names its layers after torchvision's ResNet inside a wrapper.
