@@ -752,10 +752,10 @@ class QANetQC:
             network sees them and an instance in several pieces is scored piece by piece, each
             piece's score times the share of its filled instance it covers (:func:`scored_pieces`),
             as SEG bounds such errors; with ``necks``, pieces are also cut at necks into bodies.
-            With no evaluated instance (an empty segmentation), the plain mean of
-            the patch predictions; boundary distances are then NaN (null in JSON). A model with distance heads also gives ``extra["image_scores"]["mhd95"]``
-            and ``["asd"]`` (and the same keys in each patch row): instance averages in px of the input
-            image, not multiplied by the pieces' cover; a piece of an instance in pieces apart adds the
+            With no evaluated instance (an empty segmentation), the plain mean of the patch
+            predictions; boundary distances are then NaN (null in JSON). A model with distance heads
+            also gives ``extra["image_scores"]["mhd95"]`` and ``["asd"]`` (and the same keys in each
+            patch row): instance averages in px of the input image, not multiplied by the pieces' cover; a piece of an instance in pieces apart adds the
             distances of the other pieces' outlines to it (:func:`combine_distances`). ``n_instances`` in the
             rows counts the evaluated instance pieces in each patch;
             ``extra["image_scores_patch_weighted"]`` holds the older average of patch predictions

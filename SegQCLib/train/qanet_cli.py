@@ -269,10 +269,10 @@ def read_instance_image(path: str | Path) -> np.ndarray:
     path = Path(path)
     if not path.exists():
         raise InputError(path, "no such file")
-    warnings: list[str] = []
+    messages: list[str] = []
     try:
         if path.suffix.lower() in (".tif", ".tiff"):
-            with _tifffile_messages(warnings):
+            with _tifffile_messages(messages):
                 import tifffile
 
                 array = np.asarray(tifffile.imread(str(path)))
@@ -283,7 +283,7 @@ def read_instance_image(path: str | Path) -> np.ndarray:
     except Exception as err:  # readers raise many types for corrupt files
         raise InputError(path, f"cannot read image ({str(err).splitlines()[0][:200]})") from None
     if array.size == 0:  # tifffile logs a broken page table and returns nothing rather than raising
-        why = f" ({warnings[0][:200]})" if warnings else ""
+        why = f" ({messages[0][:200]})" if messages else ""
         raise InputError(path, f"cannot read image: no image data, the file is corrupt or empty{why}")
     array = np.squeeze(array)
     if array.ndim not in (2, 3):
