@@ -201,3 +201,23 @@ def test_dataset_training_refuses_bad_input(tmp_path: Path, capsys) -> None:
     assert main(["train", "sentinel", "--dataset", str(three), "--out", str(tmp_path / "r3"), *TRAIN_ARGS]) == 2
     assert "label names" in capsys.readouterr().err
     assert not (tmp_path / "r3" / "data").exists() or not any((tmp_path / "r3" / "data").iterdir())
+
+
+def test_fine_tuned_card_lists_trained_structures_only_when_its_base_did(tmp_path: Path) -> None:
+    """--init: the new card's trained_structures add the base's names; from a base card without the
+    list (an older card) none is written, since what the base learnt is unknown."""
+    dataset = write_phantom_dataset(tmp_path / "Phantom", 4, seed=0, **SMALL)
+    base = tmp_path / "base"
+    assert main(["train", "sentinel", "--dataset", str(dataset), "--out", str(base), *TRAIN_ARGS, "--epochs", "1"]) == 0
+    card = json.loads((base / "sentinel-phantom.json").read_text())
+    card["trained_structures"] = card["trained_structures"] + ["SomethingElse"]
+    (base / "listed.json").write_text(json.dumps(card))
+    del card["trained_structures"]
+    (base / "unlisted.json").write_text(json.dumps(card))
+    for stem, expected in (("listed", sorted(ORGANS.values()) + ["SomethingElse"]), ("unlisted", None)):
+        out = tmp_path / stem
+        assert main(["train", "sentinel", "--dataset", str(dataset), "--out", str(out), *TRAIN_ARGS, "--epochs", "1",
+                     "--init", str(base / f"{stem}.json")]) == 0
+        tuned = json.loads((out / "sentinel-phantom.json").read_text())
+        assert tuned["fine_tuned_from"] == "sentinel-phantom"
+        assert tuned.get("trained_structures") == (sorted(expected) if expected else None)
