@@ -325,7 +325,7 @@ def _check_inputs(image: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
     if image.ndim not in (2, 3):
         raise InputError("image", f"must be 2D (y, x) or 3D (z, y, x), got shape {image.shape}")
     if labels.shape != image.shape:
-        raise InputError("labels", f"shape {labels.shape} differs from image shape {image.shape}")
+        raise InputError("labels", f"shape {labels.shape} differs from the shape {image.shape} of the image")
     if not np.issubdtype(image.dtype, np.number) or image.dtype == bool:
         raise InputError("image", f"must be numeric, got dtype {image.dtype}")
     image = image.astype(np.float32, copy=False)

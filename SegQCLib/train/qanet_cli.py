@@ -310,20 +310,12 @@ def qc_instances(model: str | Path | QANetQC, image: str | Path | np.ndarray, la
     image_array = read_instance_image(image) if isinstance(image, (str, Path)) else np.asarray(image)
     label_array = read_instance_image(labels) if isinstance(labels, (str, Path)) else np.asarray(labels)
     files = {"image": image, "labels": labels}
-    if label_array.shape != image_array.shape:
-        raise InputError(_source(labels, "labels"), f"shape {label_array.shape} differs from the shape "
-                         f"{image_array.shape} of {_source(image, 'the image')}")
     try:
         return qc.assess_instances(image_array, label_array, patch, overlap=overlap, scale=scale)
     except InputError as err:  # name the user's file, not the argument
         if err.source in files and isinstance(files[err.source], (str, Path)):
             raise InputError(files[err.source], err.problem) from None
         raise
-
-
-def _source(value: Any, fallback: str) -> str:
-    """The file a value came from, or ``fallback`` for an in-memory array."""
-    return str(value) if isinstance(value, (str, Path)) else fallback
 
 
 def ship_model(card: str | Path, out_stem: str | Path, name: str, extra: dict[str, Any] | None = None) -> Path:
