@@ -314,10 +314,12 @@ def test_qc_of_an_empty_instance_segmentation_scores_low_and_has_no_distances(tm
 
 def test_qc_with_the_shipped_3d_qanet_cuts_kissing_nuclei_at_the_neck(tmp_path, capsys):
     """`segqc qc --model qanet-nuclei-3d`: two nuclei that kiss, merged under one id through a narrow
-    neck, are counted in ``instances_cut_at_necks`` and score well below the two separate ids."""
+    neck, are counted in ``instances_cut_at_necks`` and score well below the two separate ids; their
+    MHD95 and ASD (the 3D distance heads, each body pooled with the other's outline) are far above."""
     import tifffile
     from scipy import ndimage as ndi
 
+    from SegQCLib.metrics import instance_metrics
     from SegQCLib.qc import available_models
 
     if "qanet-nuclei-3d" not in {m.name for m in available_models()}:
@@ -333,7 +335,7 @@ def test_qc_with_the_shipped_3d_qanet_cuts_kissing_nuclei_at_the_neck(tmp_path, 
     merged[:, :, :11] = truth[:, :, :11] > 0
     merged[:, :, 49:] = truth[:, :, 49:] > 0
     tifffile.imwrite(tmp_path / "cells.tif", image)
-    scores, cut = {}, {}
+    scores, cut, mhd95, asd = {}, {}, {}, {}
     for name, lab in (("true", truth), ("merged", merged)):
         tifffile.imwrite(tmp_path / f"{name}.tif", lab)
         out = tmp_path / f"{name}.json"
@@ -341,6 +343,11 @@ def test_qc_with_the_shipped_3d_qanet_cuts_kissing_nuclei_at_the_neck(tmp_path, 
                      "--json", str(out)]) == 0
         data = json.loads(out.read_text())
         scores[name], cut[name] = data["image_score"]["seg"], data["instances_cut_at_necks"]
+        mhd95[name], asd[name] = data["image_score"]["mhd95"], data["image_score"]["asd"]
     assert cut == {"true": 0, "merged": 1}
     assert scores["merged"] < 0.65 * scores["true"]
+    truth_merged = instance_metrics(merged, truth)  # 17.7 px / 3.8 px (the true ids: 0)
+    assert mhd95["true"] < 3.0 and asd["true"] < 1.5
+    assert mhd95["merged"] == pytest.approx(truth_merged["mhd95"], rel=0.2)
+    assert asd["merged"] == pytest.approx(truth_merged["asd"], rel=0.3)
     assert "1 instance(s) join bodies through a narrow neck" in capsys.readouterr().out

@@ -294,7 +294,7 @@ def test_distances_of_pieces_apart_include_the_other_pieces_outlines() -> None:
     labels[5:15, 25:35] = 1
     labels[5:15, 17:19] = 2     # another instance in between, in one piece: absent from the result
     scored = scored_pieces(labels)
-    others = distances_to_other_pieces(scored.pieces, scored.owner, scored.component)
+    others = distances_to_other_pieces(scored.pieces, scored.owner)
     assert sorted(scored.owner[list(others)]) == [1, 1]
     for n_outline, distance in others.values():
         assert n_outline == 36                                  # the outline of a 10 x 10 square
@@ -569,6 +569,31 @@ def test_bodies_joined_by_a_neck_are_scored_as_a_merge(tiny_model) -> None:
     assert cut.to_json_dict()["instances_in_pieces"] == 0
     separate = model.assess_instances(image, truth, patch=32, overlap=0.0, scale=0.5, necks=True)
     assert separate.to_json_dict()["instances_cut_at_necks"] == 0
+
+
+def test_distances_of_a_merge_cut_at_a_neck_include_the_other_bodys_outline() -> None:
+    """Two nuclei segmented as one id through a neck: each nucleus's true MHD95 and ASD against the
+    merge include the other body's outline. Each body gets the instance's outline beyond it (the cut
+    face is inside the instance, no outline), and pooled with zero own distances (each body is its
+    nucleus) they come near the truth; without the cut there is nothing to pool."""
+    from SegQCLib.metrics import instance_metrics
+    from SegQCLib.models.qanet import combine_distances, distances_to_other_pieces, scored_pieces
+
+    merged = _kissing_pair((40, 80), [(20, 20), (20, 58)], radius=12, neck=2)
+    truth = merged.copy()
+    truth[:, 39:] *= 2
+    true = instance_metrics(merged, truth)
+    assert true["mhd95"] > 25 and true["asd"] > 4
+    plain = scored_pieces(merged)
+    assert distances_to_other_pieces(plain.pieces, plain.owner) == {}
+    scored = scored_pieces(merged, necks=True)
+    others = distances_to_other_pieces(scored.pieces, scored.owner)
+    assert sorted(others) == [1, 2]
+    outline = (merged > 0) & ~ndi.binary_erosion(merged > 0)
+    assert sum(n for n, _ in others.values()) == np.count_nonzero(outline)   # no cut face counted
+    pooled = [combine_distances(0.0, 0.0, n_outline, distance) for n_outline, distance in others.values()]
+    mhd95, asd = np.mean(pooled, axis=0)
+    assert mhd95 == pytest.approx(true["mhd95"], rel=0.1) and asd == pytest.approx(true["asd"], rel=0.1)
 
 
 def test_fill_holes_fills_what_one_instance_encloses_and_nothing_else() -> None:

@@ -542,42 +542,41 @@ def scored_pieces(labels: np.ndarray, necks: bool = False) -> ScoredPieces:
     return ScoredPieces(filled, pieces, cover, owner, component)
 
 
-def distances_to_other_pieces(pieces: np.ndarray, owner: np.ndarray, component: np.ndarray
-                              ) -> dict[int, tuple[int, np.ndarray]]:
-    """For each piece of an instance in two or more pieces apart: its outline's size and how far the
-    outlines of the instance's other pieces lie from it.
+def distances_to_other_pieces(pieces: np.ndarray, owner: np.ndarray) -> dict[int, tuple[int, np.ndarray]]:
+    """For each piece of an instance in two or more pieces (apart, or bodies cut at necks): its share of
+    the instance's outline and how far the rest of that outline lies from it.
 
-    pieces: (y, x) or (z, y, x) int labels 1..K (:func:`scored_pieces`); owner, component: (K + 1,) the
-    instance and the connected piece each id belongs to. Distances in px of the grid (isotropic).
-    Returns ``{piece: (n_outline, distances)}``: the number of outline pixels of the piece and, for every
-    outline pixel of the other pieces of its instance, the Euclidean distance to the piece. Pieces of
-    instances in one connected piece (or cut at a neck only) are absent.
+    pieces: (y, x) or (z, y, x) int labels 1..K (:func:`scored_pieces`); owner: (K + 1,) the instance
+    each id belongs to. Distances in px of the grid (isotropic). Returns ``{piece: (n_outline,
+    distances)}``: the number of the instance's outline pixels in the piece and, for every outline pixel
+    of the instance in its other pieces, the Euclidean distance to the piece. Instances in one piece are
+    absent. The outline is the instance's own, so a cut at a neck adds none (the faces where bodies
+    meet are inside the instance); for pieces apart it is each piece's outline.
 
-    Why: a nucleus matched by an instance in pieces has, in its MHD95 and ASD, the distances from the
-    other pieces' outlines to its own; the network sees each piece as a nucleus of its own and cannot
-    know them (:func:`combine_distances`).
+    Why: a nucleus matched by an instance in pieces, or by a merge of it with a neighbour, has in its
+    MHD95 and ASD the distances from the rest of the instance's outline to its own; the network sees a
+    piece apart as a nucleus of its own, and never saw merges through a narrow neck (the 3D model), so
+    it cannot know them (:func:`combine_distances`).
     """
     out: dict[int, tuple[int, np.ndarray]] = {}
     ids = np.arange(owner.size)
     boxes = ndi.find_objects(pieces)
     for instance in np.unique(owner[1:]):
         members = ids[1:][owner[1:] == instance]
-        members = members[[boxes[m - 1] is not None for m in members]]
-        if np.unique(component[members]).size < 2:
+        members = members[[m - 1 < len(boxes) and boxes[m - 1] is not None for m in members]]
+        if members.size < 2:
             continue
         box = tuple(slice(min(boxes[m - 1][a].start for m in members), max(boxes[m - 1][a].stop for m in members))
                     for a in range(pieces.ndim))
         crop = pieces[box]
-        outline = {int(m): (crop == m) & ~ndi.binary_erosion(crop == m) for m in members}
+        inside = np.isin(crop, members)
+        outline = inside & ~ndi.binary_erosion(inside)  # the crop is tight: its edge is outline
         for m in members:
-            others = np.zeros(crop.shape, bool)
-            for n in members:
-                if component[n] != component[m]:
-                    others |= outline[int(n)]
+            own = crop == m
             # distance to the piece: the EDT of its complement (padded so that the crop edge is no piece)
-            distance = ndi.distance_transform_edt(np.pad(crop != m, 1, constant_values=True))
+            distance = ndi.distance_transform_edt(np.pad(~own, 1, constant_values=True))
             distance = distance[(slice(1, -1),) * crop.ndim]
-            out[int(m)] = (int(np.count_nonzero(outline[int(m)])), distance[others])
+            out[int(m)] = (int(np.count_nonzero(outline & own)), distance[outline & ~own])
     return out
 
 
@@ -908,7 +907,7 @@ class QANetQC:
         scores = inst_sum[held] / inst_px[held, None] * factor
         if nb < preds.shape[1]:  # distances of pieces apart include the other pieces' outlines
             columns = [self.config.targets.index(t) if t in self.config.targets else None for t in DISTANCE_TARGETS]
-            others = distances_to_other_pieces(work_lab, owner, component)  # padding adds no piece
+            others = distances_to_other_pieces(work_lab, owner)  # padding adds no piece
             for row, piece in enumerate(held):
                 if int(piece) in others:
                     n_outline, other = others[int(piece)]
