@@ -563,7 +563,7 @@ def distances_to_other_pieces(pieces: np.ndarray, owner: np.ndarray) -> dict[int
     boxes = ndi.find_objects(pieces)
     for instance in np.unique(owner[1:]):
         members = ids[1:][owner[1:] == instance]
-        members = members[[m - 1 < len(boxes) and boxes[m - 1] is not None for m in members]]
+        members = members[[boxes[m - 1] is not None for m in members]]
         if members.size < 2:
             continue
         box = tuple(slice(min(boxes[m - 1][a].start for m in members), max(boxes[m - 1][a].stop for m in members))
@@ -660,8 +660,8 @@ class QANetResult:
         ``image_score["seg"]`` is the image score (:attr:`image_score`); the other keys are the instance
         averages of the other heads (``seg_objects``, which the image score is made of when present,
         ``nemhd``, and for a model with a distance head ``mhd95`` and ``asd`` in px of the input image,
-        not scaled by the pieces' cover; pieces of one id apart add the other pieces' outline distances,
-        :func:`combine_distances`). Patch rows hold the same keys, per patch."""
+        not scaled by the pieces' cover; pieces of one id apart and bodies cut at necks add the rest of
+        their instance's outline, :func:`combine_distances`). Patch rows hold the same keys, per patch."""
         def num(v: Any) -> Any:
             if isinstance(v, (bool, np.bool_)):
                 return bool(v)
@@ -754,8 +754,9 @@ class QANetQC:
             With no evaluated instance (an empty segmentation), the plain mean of the patch
             predictions; boundary distances are then NaN (null in JSON). A model with distance heads
             also gives ``extra["image_scores"]["mhd95"]`` and ``["asd"]`` (and the same keys in each
-            patch row): instance averages in px of the input image, not multiplied by the pieces' cover; a piece of an instance in pieces apart adds the
-            distances of the other pieces' outlines to it (:func:`combine_distances`). ``n_instances`` in the
+            patch row): instance averages in px of the input image, not multiplied by the pieces' cover;
+            a piece of an instance in pieces apart, or a body cut at a neck, adds the distances of the
+            rest of its instance's outline to it (:func:`combine_distances`). ``n_instances`` in the
             rows counts the evaluated instance pieces in each patch;
             ``extra["image_scores_patch_weighted"]`` holds the older average of patch predictions
             weighted by ``n_instances`` (shipped 2D model on 394 held-out simulated 2D scenes: r 0.914 /
@@ -905,7 +906,7 @@ class QANetQC:
         factor = np.ones((held.size, preds.shape[1]))
         factor[:, :nb] = cover[held, None]
         scores = inst_sum[held] / inst_px[held, None] * factor
-        if nb < preds.shape[1]:  # distances of pieces apart include the other pieces' outlines
+        if nb < preds.shape[1]:  # a piece's or body's distances include the rest of its instance's outline
             columns = [self.config.targets.index(t) if t in self.config.targets else None for t in DISTANCE_TARGETS]
             others = distances_to_other_pieces(work_lab, owner)  # padding adds no piece
             for row, piece in enumerate(held):
