@@ -382,7 +382,8 @@ class SegQCWidget(ScriptedLoadableModuleWidget):
             return
         if volumeNode is None:
             return
-        r, a, s = self.logic.sliceRAS(volumeNode, sliceIndex)
+        sliceAxis = int(tableNode.GetAttribute(ATTRIBUTE_PREFIX + "sliceAxis") or 0)
+        r, a, s = self.logic.sliceRAS(volumeNode, sliceIndex, sliceAxis)
         slicer.modules.markups.logic().JumpSlicesToLocation(r, a, s, True)
 
 
@@ -474,14 +475,17 @@ class SegQCLogic(ScriptedLoadableModuleLogic):
         return labelmap > 0
 
     @classmethod
-    def sliceRAS(cls, volumeNode, sliceIndex: int) -> tuple[float, float, float]:
-        """World RAS position (mm) of the centre of axial slice ``sliceIndex`` (k, array index z)."""
-        nx, ny, nz = volumeNode.GetImageData().GetDimensions()
-        if not 0 <= int(sliceIndex) < nz:
+    def sliceRAS(cls, volumeNode, sliceIndex: int, sliceAxis: int = 0) -> tuple[float, float, float]:
+        """World RAS position (mm) of the centre of slice ``sliceIndex`` along the array axis ``sliceAxis``
+        ((z, y, x) order: 0 is k; a result's ``extra["slice_axis"]``, the axis closest to superior-inferior)."""
+        dims = volumeNode.GetImageData().GetDimensions()  # (i, j, k) = (x, y, z)
+        ijkAxis = 2 - int(sliceAxis)
+        if not 0 <= int(sliceIndex) < dims[ijkAxis]:
             from SegQCLib.errors import InputError
 
-            raise InputError(volumeNode.GetName(), f"slice {sliceIndex} is outside 0..{nz - 1}")
-        ijk = np.array([(nx - 1) / 2.0, (ny - 1) / 2.0, float(sliceIndex), 1.0])
+            raise InputError(volumeNode.GetName(), f"slice {sliceIndex} is outside 0..{dims[ijkAxis] - 1}")
+        ijk = np.array([(n - 1) / 2.0 for n in dims] + [1.0])
+        ijk[ijkAxis] = float(sliceIndex)
         ras = cls.ijkToWorldMatrix(volumeNode) @ ijk
         return float(ras[0]), float(ras[1]), float(ras[2])
 
@@ -533,7 +537,7 @@ class SegQCLogic(ScriptedLoadableModuleLogic):
     def compareSegmentsJob(self, volumeNode, segmentationNode, segmentId, referenceSegmentationNode,
                            referenceSegmentId, threshold: float = 0.8, tableNode=None) -> SegQCJob:
         """:meth:`compareSegments` as a :class:`SegQCJob` (segments exported now, metrics in ``compute``)."""
-        spacing = self.gridFromNode(volumeNode).spacing
+        grid = self.gridFromNode(volumeNode)
         pred = self.segmentMask(segmentationNode, segmentId, volumeNode)
         ref = self.segmentMask(referenceSegmentationNode, referenceSegmentId, volumeNode)
         label = segmentationNode.GetSegmentation().GetSegment(segmentId).GetName()
@@ -541,10 +545,11 @@ class SegQCLogic(ScriptedLoadableModuleLogic):
         reference = f"{referenceSegmentationNode.GetName()}/{referenceName}"
 
         def compute(job):
+            from SegQCLib.fingerprint import slice_axis
             from SegQCLib.qc import compare_to_reference
 
             job.progress(0.0, _("Metrics"))
-            result = compare_to_reference(pred, ref, spacing, label, threshold)
+            result = compare_to_reference(pred, ref, grid.spacing, label, threshold, slice_axis(grid))
             result.extra["reference"] = reference
             return result
 
@@ -844,12 +849,14 @@ class SegQCLogic(ScriptedLoadableModuleLogic):
                     break
                 job.progress(done / max(len(cases), 1), f"{case['node']} / {case['segment']}")
                 row = {"node": case["node"], "segment": case["segment"], "model": modelName, "score": math.nan,
-                       "flagged": 0, "flaggedSlices": "", "status": "ok", "nodeID": case["nodeID"],
-                       "segmentID": case["segmentID"]}
+                       "scoreLow": math.nan, "scoreHigh": math.nan, "flagged": 0, "flaggedSlices": "",
+                       "status": "ok", "nodeID": case["nodeID"], "segmentID": case["segmentID"]}
                 try:
                     image, mask = job.callOnGui(export, case)
                     result = model.assess(image, mask, case["segment"], threshold=threshold, all_slices=True)
                     row.update(score=_finiteOrNan(result.volume.get("dsc")), flagged=len(result.flagged),
+                               scoreLow=_finiteOrNan(result.volume.get("dsc_lo")),
+                               scoreHigh=_finiteOrNan(result.volume.get("dsc_hi")),
                                flaggedSlices=" ".join(str(k) for k in result.flagged))
                 except _Cancelled:
                     break
@@ -874,7 +881,7 @@ class SegQCLogic(ScriptedLoadableModuleLogic):
         try:
             tableNode.RemoveAllColumns()
             for column, kind in (("node", "string"), ("segment", "string"), ("model", "string"), ("score", "double"),
-                                 ("flagged", "int"), ("flaggedSlices", "string"), ("status", "string"),
+                                 ("scoreLow", "double"), ("scoreHigh", "double"), ("flagged", "int"), ("flaggedSlices", "string"), ("status", "string"),
                                  ("nodeID", "string"), ("segmentID", "string")):
                 array = {"string": vtk.vtkStringArray, "double": vtk.vtkDoubleArray, "int": vtk.vtkIntArray}[kind]()
                 array.SetName(column)
@@ -896,8 +903,12 @@ class SegQCLogic(ScriptedLoadableModuleLogic):
         if not result.slices:
             keys.update(result.volume)
         keys -= {"index", "flagged"}
-        metricsColumns = [k for k in METRIC_COLUMNS if k in keys] + sorted(keys - set(METRIC_COLUMNS))
-        return ["slice", *metricsColumns, "flagged"]
+        bounds = {k for k in keys if k.endswith(("_lo", "_hi")) and k[:-3] in keys}
+        scores = keys - bounds
+        metricsColumns = [k for k in METRIC_COLUMNS if k in scores] + sorted(scores - set(METRIC_COLUMNS))
+        # a calibrated score's interval sits right after it: dsc, dsc_lo, dsc_hi, hd95, ...
+        columns = [c for k in metricsColumns for c in (k, f"{k}_lo", f"{k}_hi") if c == k or c in bounds]
+        return ["slice", *columns, "flagged"]
 
     @classmethod
     def resultToTable(cls, result, tableNode=None):
@@ -929,18 +940,29 @@ class SegQCLogic(ScriptedLoadableModuleLogic):
                 for i, value in enumerate(values):
                     array.SetValue(i, value)
                 tableNode.AddColumn(array)
+                score = column[:-3] if column.endswith(("_lo", "_hi")) else column
                 if column in _METRIC_DESCRIPTIONS:
                     tableNode.SetColumnDescription(column, _METRIC_DESCRIPTIONS[column])
-                if column in _METRIC_UNITS:
-                    tableNode.SetColumnUnitLabel(column, _METRIC_UNITS[column])
+                elif score != column and score in _METRIC_DESCRIPTIONS:
+                    coverage = result.extra.get("interval", {}).get("coverage", math.nan)
+                    side = "Lower" if column.endswith("_lo") else "Upper"
+                    tableNode.SetColumnDescription(column, f"{side} end of the {100 * coverage:.0f} % calibrated "
+                                                           f"interval of the {_METRIC_DESCRIPTIONS[score]}")
+                if score in _METRIC_UNITS:
+                    tableNode.SetColumnUnitLabel(column, _METRIC_UNITS[score])
             for attribute in list(tableNode.GetAttributeNames() or ()):
                 if attribute.startswith(ATTRIBUTE_PREFIX):
                     tableNode.RemoveAttribute(attribute)
             tableNode.SetAttribute(ATTRIBUTE_PREFIX + "model", str(result.model))
             tableNode.SetAttribute(ATTRIBUTE_PREFIX + "label", str(result.label))
             tableNode.SetAttribute(ATTRIBUTE_PREFIX + "threshold", repr(float(result.threshold)))
+            tableNode.SetAttribute(ATTRIBUTE_PREFIX + "sliceAxis", str(int(result.extra.get("slice_axis", 0))))
             for key, value in result.volume.items():
                 tableNode.SetAttribute(f"{ATTRIBUTE_PREFIX}volume.{key}", repr(_finiteOrNan(value)))
+            interval = result.extra.get("interval")
+            if interval:
+                tableNode.SetAttribute(ATTRIBUTE_PREFIX + "interval.coverage", repr(float(interval["coverage"])))
+                tableNode.SetAttribute(ATTRIBUTE_PREFIX + "interval.domain", str(interval["domain"]))
             tableNode.Modified()
         finally:
             tableNode.EndModify(wasModifying)

@@ -11,13 +11,21 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 import click
+import numpy as np
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
+from .domain import domain_warning
 from .errors import DataSourceMissing, InputError, SegQCError
+from .fingerprint import slice_axis
 from .qc import DEFAULT_FLAG_THRESHOLD, QCResult
+
+#: The parser's usage errors. typer >= 0.2x vendors click (``typer._click``): its exceptions derive
+#: from ``typer.TyperException``, not from the installed click's, which older typer raises.
+_USAGE_ERRORS = (click.ClickException,) + ((typer.TyperException,) if hasattr(typer, "TyperException") else ())
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Quality control of medical image segmentations without ground truth.")
@@ -49,8 +57,31 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _with_interval(row: dict[str, Any], key: str) -> str:
+    """``0.712 [0.41, 0.93]``: a score with its calibrated interval when the row has one."""
+    text = _fmt(row.get(key, math.nan))
+    if f"{key}_lo" in row and f"{key}_hi" in row:
+        lo, hi = (float(row[f"{key}_{end}"]) for end in ("lo", "hi"))
+        text += " [" + ", ".join(f"{v:.2f}" if math.isfinite(v) else str(v) for v in (lo, hi)) + "]"
+    return text
+
+
+def interval_note(extra: dict[str, Any]) -> str | None:
+    """The line saying how sure the intervals are, or None for a model without a calibration."""
+    interval = extra.get("interval")
+    if not interval:
+        return None
+    line = f"intervals: {100 * interval['coverage']:.0f} % calibrated on the model's held-out data"
+    if interval.get("domain") == "out":
+        line += ("; [yellow]this input is outside the model's domain[/yellow]"
+                 + ("" if interval.get("domain_calibrated") else
+                    " and its interval was never measured on such inputs: treat the score as a guess"))
+    return line
+
+
 def print_result(result: QCResult, truth: QCResult | None = None, keys: tuple[str, ...] = ("dsc", "hd95")) -> None:
-    """Per-slice table (and truth beside it when given), then the volume scores."""
+    """Per-slice table (and truth beside it when given), then the volume scores, each pseudo-score
+    with its calibrated interval when the model has one."""
     table = Table(title=f"{result.model} — {result.label}", show_lines=False)
     table.add_column("slice", justify="right")
     shown = [k for k in keys if any(k in row for row in result.slices)]
@@ -62,17 +93,25 @@ def print_result(result: QCResult, truth: QCResult | None = None, keys: tuple[st
             table.add_column(f"true {key}", justify="right")
     table.add_column("flagged")
     for row in result.slices:
-        cells = [str(row["index"])] + [_fmt(row.get(k, math.nan)) for k in shown]
+        cells = [str(row["index"])] + [_with_interval(row, k) for k in shown]
         if truth:
             cells += [_fmt(truth_rows.get(row["index"], {}).get(k, math.nan)) for k in shown]
         table.add_row(*cells, _fmt(row["flagged"]))
     console.print(table)
-    volume = ", ".join(f"{k}={_fmt(v)}" for k, v in result.volume.items())
-    console.print(f"volume: {volume}")
+    scores = [k for k in result.volume if not k.endswith(("_lo", "_hi"))]
+    console.print("volume: " + ", ".join(f"{k}={_with_interval(result.volume, k)}" for k in scores))
     if truth:
         console.print("truth:  " + ", ".join(f"{k}={_fmt(v)}" for k, v in truth.volume.items()))
     console.print(f"flagged slices (dsc < {result.threshold:g}): {len(result.flagged)} of {len(result.slices)}"
                   f"; runtime {result.runtime_s:.2f} s")
+    if not result.slices:
+        console.print("no slice to show: the mask and the pGT are both empty (the structure is not in the image)")
+    note = interval_note(result.extra)
+    if note:
+        console.print(note)
+    warning = domain_warning(result.model, result.extra.get("domain"))
+    if warning:
+        console.print(f"[yellow]{escape(warning)}[/yellow]", soft_wrap=True)
     if result.extra.get("structure_seen_in_training") is False:
         console.print(f"note: {result.model} was not trained on a structure named '{result.label}' (nearest name it "
                       f"knows: '{result.extra.get('nearest_trained_structure')}'); it reads the mask against what that "
@@ -123,32 +162,52 @@ def qc_cmd(
     (TIFF, NIfTI, ...): per-patch predicted SEG, an image score and a patch heat map.
     """
     from .io import write_mask
-    from .qc import available_models, default_model_name, load_model, resolve_device
+    from .qc import available_models, choose_model, load_model, resolve_device
 
     inputs = (image, seg)
     _check_new_output(json_out, inputs)
     _check_new_output(pgt_out, inputs)
     _check_new_output(heatmap_out, inputs)
     resolved = resolve_device(device)
-    model_name = model or default_model_name()
-    if model_name is None:
+    entries = {e.name: e for e in available_models()}
+    if model is None and not entries:
         raise InputError("--model", "no QC model is installed yet (`segqc models` lists them)")
-    entry = {e.name: e for e in available_models()}.get(model_name)
+    entry = entries.get(model) if model else None
     if entry is not None and entry.kind == "instance":
-        _qc_instances(model_name, image, seg, resolved, json_out, heatmap_out)
+        _qc_instances(model, image, seg, resolved, json_out, heatmap_out)
         return
     if heatmap_out is not None:
-        raise InputError("--heatmap", f"model {model_name} scores slices, not patches: the heat map is for instance models")
-    img, _, mask, segment = _load_pair(image, seg, label)
+        raise InputError("--heatmap", f"model {model or 'chosen'} scores slices, not patches: the heat map is for "
+                                      "instance models (--model qanet-...)")
+    img, segmentation, mask, segment = _load_pair(image, seg, label)
+    structure = name or (segment.name if segmentation.named and segment.name else None)
+    if model is None:  # the best model whose domain fits the image and the structure, or an error saying none does
+        model, passed = choose_model(img, structure)
+        entry = entries[model]
+        if passed:
+            console.print(f"model: {model} (" + "; ".join(f"{n} passed over: {', '.join(r)}" for n, r in passed.items())
+                          + ")", soft_wrap=True)
     if entry is not None and pgt_out is not None and entry.kind != "reconstruction":
-        raise InputError("--pgt", f"model {model_name} gives no pseudo ground truth")
-    qc_model = load_model(model_name, resolved)
-    result = qc_model.assess(img, mask, name or segment.name, threshold=threshold)
+        raise InputError("--pgt", f"model {model} gives no pseudo ground truth")
+    structure = structure or _unnamed_structure(entry, model, seg)
+    qc_model = load_model(model, resolved)
+    result = qc_model.assess(img, mask, structure, threshold=threshold)
     print_result(result)
     if json_out:
         write_json(result.to_json_dict(), json_out, inputs)
     if pgt_out is not None and result.pgt is not None:
         write_mask(result.pgt, img.grid, pgt_out, inputs)
+
+
+def _unnamed_structure(entry, model: str, seg: Path) -> str:
+    """The structure an unnamed binary mask is scored as: the one structure of a single-structure pGT
+    model (nnQC trained on one); any other model reads the name (a text-conditioned model would read
+    a label value "1" as a name: Brodmann area 1), so an :class:`InputError` asks for ``--name``."""
+    structures = ((entry.domain if entry is not None else None) or {}).get("structures") or []
+    if entry is not None and entry.kind == "reconstruction" and len(structures) == 1:
+        return structures[0]
+    raise InputError(seg, f"is an unnamed mask and {model} needs the structure's name (a label value would be read "
+                          "as a name): give it with --name, e.g. --name Hippocampus_L")
 
 
 def _qc_instances(model_name: str, image: Path, labels: Path, device: str, json_out: Optional[Path],
@@ -164,20 +223,21 @@ def _qc_instances(model_name: str, image: Path, labels: Path, device: str, json_
     for column in (*corner, "size", "instances", "pred SEG", *(("pred whole-object SEG",) if whole else ())):
         table.add_column(column, justify="right")
     for row in sorted(result.patches, key=lambda r: r["seg"]):
-        table.add_row(*(str(row[k]) for k in corner), str(row["size"]), str(row["n_instances"]), _fmt(float(row["seg"])),
+        table.add_row(*(str(row[k]) for k in corner), str(row["size"]), str(row["n_instances"]), _with_interval(row, "seg"),
                       *((_fmt(float(row["seg_objects"])),) if whole else ()))
     console.print(table)
     source = "whole-object SEG" if whole else "patch SEG"
     how = ("the instance average" if any(row["n_instances"] for row in result.patches)
            else "no instance in the segmentation: the mean")
-    console.print(f"image SEG (predicted): {_fmt(float(result.image_score))}, {how} of the {source} "
+    # the JSON's image_score.seg is the headline score; its interval keys sit beside the heads' scores
+    scores = {**result.extra.get("image_scores", {}), "seg": float(result.image_score)}
+    console.print(f"image SEG (predicted): {_with_interval(scores, 'seg')}, {how} of the {source} "
                   f"of {len(result.patches)} patches; runtime {result.runtime_s:.2f} s")
-    scores = result.extra.get("image_scores", {})
     if "mhd95" in scores or "asd" in scores:
-        distances = [(label, scores[key]) for key, label in (("mhd95", "MHD95"), ("asd", "ASD")) if key in scores]
-        if all(math.isfinite(value) for _, value in distances):
+        distances = [(label, key) for key, label in (("mhd95", "MHD95"), ("asd", "ASD")) if key in scores]
+        if all(math.isfinite(scores[key]) for _, key in distances):
             console.print("boundary distances (predicted, instance averages, px of the image): "
-                          + ", ".join(f"{label} {value:.2f}" for label, value in distances))
+                          + ", ".join(f"{label} {_with_interval(scores, key)}" for label, key in distances))
         else:
             console.print("boundary distances: none, the segmentation has no instance to measure")
     in_pieces = int(result.extra.get("instances_in_pieces", 0))
@@ -188,6 +248,9 @@ def _qc_instances(model_name: str, image: Path, labels: Path, device: str, json_
     if with_holes:
         console.print(f"{with_holes} instance(s) have holes (counted per z slice when a 2D model scores a volume): "
                       "filled for the network, each scored times the share of its filled outline it covers")
+    note = interval_note(result.extra)
+    if note:
+        console.print(note)
     cut_at_necks = int(result.extra.get("instances_cut_at_necks", 0))
     if cut_at_necks:
         console.print(f"{cut_at_necks} instance(s) join bodies through a narrow neck (3D models): scored as merges, "
@@ -227,16 +290,28 @@ def metrics_cmd(
     pred_segment = pred.find(label if len(pred.segments) != 1 else None) if pred.segments else None
     ref_mask = reference.layers[ref_segment.layer] == ref_segment.value
     pred_mask = (pred.layers[pred_segment.layer] == pred_segment.value) if pred_segment else pred.layers[0] > 0
-    result = compare_to_reference(pred_mask, ref_mask, reference.grid.spacing, ref_segment.name, threshold)
+    result = compare_to_reference(pred_mask, ref_mask, reference.grid.spacing, ref_segment.name, threshold,
+                                  slice_axis(reference.grid))
     print_result(result, keys=("dsc", "iou", "hd95", "asd"))
     if json_out:
         write_json(result.to_json_dict(), json_out, (seg, ref))
 
 
+def _dsc_band(band: tuple[float, float]) -> tuple[float, float]:
+    """``--dsc-band LO HI`` checked: the degradations reach the nnQC bands only."""
+    from .degrade import DSC_BANDS, resolve_band
+
+    try:
+        return resolve_band(tuple(band))
+    except ValueError:
+        bands = ", ".join(f"{a:g} {b:g}" for a, b in DSC_BANDS)
+        raise InputError("--dsc-band", f"{band[0]:g} {band[1]:g} is not one of the DSC bands ({bands})") from None
+
+
 @app.command("degrade")
 def degrade_cmd(
     seg: Path = typer.Argument(..., help="Segmentation to degrade (label map or binary mask)."),
-    dsc_band: tuple[float, float] = typer.Option(..., "--dsc-band", help="Target DSC band LO HI, e.g. 0.5 0.75."),
+    dsc_band: tuple[float, float] = typer.Option(..., "--dsc-band", help="Target DSC band LO HI: one of the nnQC bands 0.05 0.1, 0.1 0.25, 0.25 0.5, 0.5 0.75, 0.75 0.95."),
     seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same output)."),
     label: Optional[str] = typer.Option(None, "--label", help="Degrade only this structure (value or name)."),
     out: Path = typer.Option(..., "-o", "--out", help="Output file (.nii.gz, .nrrd or .seg.nrrd)."),
@@ -247,9 +322,7 @@ def degrade_cmd(
     from .degrade import degrade_to_band
     from .io import Segmentation, read_segmentation, write_segmentation
 
-    lo, hi = dsc_band
-    if not 0.0 <= lo < hi <= 1.0:
-        raise InputError("--dsc-band", f"band [{lo}, {hi}] is not inside [0, 1] with LO < HI")
+    lo, hi = _dsc_band(dsc_band)  # before reading anything
     _check_new_output(out, (seg,))
     source = read_segmentation(seg)
     if label is not None:
@@ -260,7 +333,10 @@ def degrade_cmd(
         labels, names = source.labelmap, {s.value: s.name for s in source.segments}
     if not labels.any():
         raise InputError(seg, "mask is empty: nothing to degrade")
-    degraded, achieved = degrade_to_band(labels, (lo, hi), seed=seed)
+    try:
+        degraded, achieved = degrade_to_band(labels, (lo, hi), seed=seed)
+    except RuntimeError as err:  # no recipe reached the band (a mask too small for it): one line, exit 1
+        raise SegQCError(f"{seg}: {err}") from None
     out_seg = Segmentation.from_labelmap(degraded, source.grid, names if source.named or label else None,
                                          name=str(out))
     write_segmentation(out_seg, out, (seg,))
@@ -285,31 +361,78 @@ def fingerprint_cmd(
 
 @app.command("demo")
 def demo_cmd(
-    structure: str = typer.Option("Hippocampus_L", "--structure", help="AAL structure of Colin27 to use."),
-    band: tuple[float, float] = typer.Option((0.5, 0.75), "--dsc-band", help="DSC band of the degradation."),
+    structure: str = typer.Option("Brain", "--structure", help="MNI152 structure: Brain, GreyMatter or WhiteMatter."),
+    band: tuple[float, float] = typer.Option((0.5, 0.75), "--dsc-band", help="DSC band of the mask whose slices are shown."),
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("auto", "--device"),
+    png: Path = typer.Option(Path("segqc-demo.png"), "--png", help="Write the worst slices' outlines here."),
 ) -> None:
-    """On installed sample data: degrade a structure, run the best installed model, show truth beside it."""
-    from .data.sources import colin27
-    from .degrade import degrade_to_band
-    from .qc import compare_to_reference, default_model_name, load_model, resolve_device
+    """On installed sample data: the best installed model on a subject it was not trained on (MNI152),
+    one mask degraded into each DSC band: predicted vs true volume DSC and their r, the per-slice
+    table of one with the truth beside it, and a PNG of its worst slices (segmentation, pGT, truth)."""
+    from .data.sources import mni152
+    from .degrade import DSC_BANDS, degrade_to_band
+    from .io import write_bytes_atomic
+    from .qc import available_models, choose_model, compare_to_reference, load_model, resolve_device
 
-    subject = colin27("aal")
-    truth_mask = subject.segmentation.mask(structure)
+    band = _dsc_band(band)
+    _check_new_output(png, ())
+    subject = mni152("tissue" if structure.lower() in ("greymatter", "whitematter") else "brain")
     segment = subject.segmentation.find(structure)
-    degraded, achieved = degrade_to_band(truth_mask.astype("uint8"), band, seed=seed)
-    degraded = degraded > 0
-    console.print(f"Colin27 {segment.name}: degraded to true DSC {achieved:.3f} (band {band[0]}-{band[1]}, seed {seed})")
-    truth = compare_to_reference(degraded, truth_mask, subject.image.spacing, segment.name)
-    model_name = default_model_name()
+    truth_mask = subject.segmentation.mask(segment.name)
+    image, axis = subject.image, slice_axis(subject.image.grid)
+    installed = {e.name for e in available_models() if e.kind != "instance"}
+    model_name = next((n for n in DEMO_MODELS if n in installed), None)
+    if model_name is None and installed:
+        model_name = choose_model(image, segment.name)[0]
+    masks = {b: degrade_to_band(truth_mask.astype("uint8"), b, seed=seed) for b in DSC_BANDS}
+    shown_mask = masks[band][0] > 0
+    truth = compare_to_reference(shown_mask, truth_mask, image.spacing, segment.name, slice_axis=axis)
+    console.print(f"MNI152 {segment.name} ({subject.source}): one mask degraded into each DSC band (seed {seed})")
     if model_name is None:
         console.print("[yellow]No QC model is installed yet: showing the true metrics only. "
                       "Models come with SegQC's model issues (Quality Sentinel, nnQC, QANet).[/yellow]")
         print_result(truth)
         return
-    result = load_model(model_name, resolve_device(device)).assess(subject.image, degraded, segment.name)
+    qc_model = load_model(model_name, resolve_device(device))
+    results = {b: qc_model.assess(image, m > 0, segment.name) for b, (m, _) in masks.items()}
+    table = Table(title=f"{model_name} on MNI152 {segment.name} (never trained on this subject)")
+    for column in ("DSC band", "true DSC", "predicted DSC"):
+        table.add_column(column, justify="right")
+    for b, (_, achieved) in masks.items():
+        table.add_row(f"{b[0]}-{b[1]}", f"{achieved:.3f}", _with_interval(results[b].volume, "dsc"))
+    console.print(table)
+    true = np.array([achieved for _, achieved in masks.values()])
+    pred = np.array([r.volume["dsc"] for r in results.values()])
+    console.print(f"volume DSC over the {len(true)} masks: Pearson r = {np.corrcoef(pred, true)[0, 1]:.3f}, "
+                  f"MAE = {np.abs(pred - true).mean():.3f}")
+    result = results[band]
+    console.print(f"per slice, the mask of band {band[0]}-{band[1]} (true DSC {masks[band][1]:.3f}):")
     print_result(result, truth)
+    write_bytes_atomic(png, _worst_slices_png(image, shown_mask, result, truth_mask, axis))
+    console.print(f"worst slices (red: segmentation, green: pGT, yellow: truth): {png}")
+
+
+#: The demo's models, best first (nnQC: volume DSC r 0.987 on held-out MNI152; see the model cards).
+DEMO_MODELS = ("nnqc-Brain", "atlas-brain-mr", "sentinel-brain-mr")
+
+
+def _worst_slices_png(image, mask, result: QCResult, truth_mask, axis: int, n: int = 4) -> bytes:
+    """PNG of the ``n`` worst slices of ``result`` with the outlines of the segmentation, the pGT (when the
+    model gives one) and the truth, in the report's colours."""
+    from . import report
+
+    views = []
+    for row in sorted(result.worst_slices(n), key=lambda r: r["index"]):
+        k = row["index"]
+        plane = lambda a: np.take(a, k, axis=axis)[::-1]  # noqa: E731  (anterior / superior up in RAS arrays)
+        outlines = [(plane(truth_mask), report.REF_COLOUR, report.REF_WIDTH)]
+        if result.pgt is not None:
+            outlines.append((plane(result.pgt), report.PGT_COLOUR, report.PGT_WIDTH))
+        outlines.append((plane(mask), report.SEG_COLOUR, report.SEG_WIDTH))
+        views.append((plane(image.array), outlines, f"slice {k}: pred {row['dsc']:.2f}"))
+    spacing = tuple(s for i, s in enumerate(image.spacing) if i != axis)
+    return report.slice_views_png(views, spacing)
 
 
 @app.command("batch")
@@ -328,6 +451,8 @@ def batch_cmd(
     report: bool = typer.Option(True, "--report/--no-report", help="Write report.html and its tables at the end."),
     worst_n: int = typer.Option(12, "--worst-n", help="Worst cases shown with thumbnails."),
     top_n: int = typer.Option(20, "--top-n", help="Length of the active-learning and self-training lists."),
+    target_risk: float = typer.Option(0.05, "--target-risk", help="Failure rate (0-1) the report's triage threshold "
+                                      "may accept among the cases it passes (needs references)."),
 ) -> None:
     """QC every case and structure of a dataset; resumable (a rerun skips finished cases), local or on Dask."""
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -340,6 +465,8 @@ def batch_cmd(
     model_name = model or default_model_name()
     if model_name is None:
         raise InputError("--model", "no QC model is installed yet (`segqc models` lists them)")
+    if not 0.0 <= target_risk < 1.0:
+        raise InputError("--target-risk", f"must be in [0, 1), got {target_risk:g}")
     wanted = [s.strip() for s in structures.split(",") if s.strip()] if structures else None
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("ETA"), TimeRemainingColumn())
@@ -361,8 +488,12 @@ def batch_cmd(
     if report and len(table):
         from .report import write_report
 
-        html = write_report(table, out, threshold=threshold, worst_n=worst_n, top_n=top_n)
+        html = write_report(table, out, threshold=threshold, worst_n=worst_n, top_n=top_n, target_risk=target_risk)
         console.print(f"report: {html}")
+    if summary.all_failed:  # nothing was scored: a script running the batch must notice (exit 1)
+        first = next((e for e in table.error if e), "")
+        raise SegQCError(f"{out / RESULTS_FILE}: every case failed ({summary.errors} of {summary.done}); "
+                         f"first error: {first[:300]}")
 
 
 @app.command("refine")
@@ -602,6 +733,25 @@ def train_qanet_cmd(
     console.print(f"model card: {card}")
 
 
+@app.command("calibrate")
+def calibrate_cmd(
+    model: str = typer.Argument(..., help="Installed model name or a model card (.json)."),
+    coverage: float = typer.Option(0.9, "--coverage", help="Nominal coverage of the intervals (0.5-0.99)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Cache folder of the evaluation samples."),
+    device: str = typer.Option("auto", "--device"),
+) -> None:
+    """Fit calibrated intervals on the model's held-out data and write them into its model card.
+
+    Every later score of the model (JSON, tables, batch, report, Slicer) carries its interval
+    (``dsc_lo`` / ``dsc_hi``, ...); the card states the coverage measured on held-out data."""
+    from .models import find_card
+    from .qc import resolve_device
+    from .train.calibrate import calibrate_card, format_coverage
+
+    entry = calibrate_card(find_card(model), coverage, resolve_device(device), data, log=console.print)
+    console.print(format_coverage(entry), soft_wrap=True)
+
+
 @app.command("eval")
 def eval_cmd(
     model: str = typer.Argument(..., help="Installed model name or a model card (.json)."),
@@ -651,16 +801,27 @@ def eval_cmd(
         write_json(results, json_out, (card,))
 
 
-@app.callback()
-def _root(version: bool = typer.Option(False, "--version", help="Print the version and exit.")) -> None:
-    if version:
+def _print_version(value: bool) -> None:
+    if value:
         console.print(f"segqc {__version__}")
         raise typer.Exit()
 
 
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                       help="Print the version and exit.")) -> None:
+    # eager with a callback: it runs while the options are parsed, before the group asks for a
+    # command (a plain option would only be seen after "Missing command" stopped `segqc --version`)
+    pass
+
+
 # --------------------------------------------------------------------------- entry point
 def main(argv: Optional[List[str]] = None) -> int:
-    """Run the CLI; bad input -> one line on stderr and exit code 2."""
+    """Run the CLI; bad input -> one line on stderr and exit code 2.
+
+    Usage errors (an unknown option, a bare ``segqc`` or ``segqc train``, which print the help) exit
+    with click's code 2; a command that fails as a whole (every case of a batch) with 1.
+    """
     try:
         code = app(args=argv, prog_name="segqc", standalone_mode=False)
         if isinstance(code, int) and code:  # typer.Exit(code) is returned, not raised, in this mode
@@ -668,12 +829,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (InputError, DataSourceMissing) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except click.exceptions.Exit as err:
+    except typer.Exit as err:
         return err.exit_code
-    except click.ClickException as err:
-        err.show()
-        return err.exit_code
-    except click.exceptions.Abort:
+    except _USAGE_ERRORS as err:
+        if hasattr(err, "show"):
+            err.show()  # the usage line and "Error: ..."; a bare group's NoArgsIsHelpError shows its help
+        else:
+            print(f"error: {err}", file=sys.stderr)
+        return getattr(err, "exit_code", 2)
+    except typer.Abort:
         print("aborted", file=sys.stderr)
         return 130
     except KeyboardInterrupt:

@@ -355,7 +355,7 @@ def swap_classes(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 
 
-def _resolve_band(band: tuple[float, float] | int) -> tuple[float, float]:
+def resolve_band(band: tuple[float, float] | int) -> tuple[float, float]:
     """The band of :data:`DSC_BANDS` given by its index or by its (lo, hi) bounds; ValueError otherwise."""
     if isinstance(band, (int, np.integer)) and not isinstance(band, bool):
         if 0 <= band < len(DSC_BANDS):
@@ -373,7 +373,7 @@ def _resolve_band(band: tuple[float, float] | int) -> tuple[float, float]:
 
 def dsc_in_band(dsc: float, band: tuple[float, float] | int) -> bool:
     """Whether ``dsc`` lies in ``band`` (one of :data:`DSC_BANDS` or its index): [lo, hi), last band [lo, hi]."""
-    lo, hi = _resolve_band(band)
+    lo, hi = resolve_band(band)
     return lo <= dsc < hi or (hi == DSC_BANDS[-1][1] and dsc == hi)
 
 
@@ -613,7 +613,7 @@ def degrade_to_band(labels: np.ndarray, band: tuple[float, float] | int, seed: i
     recipe reached the band within ``max_tries`` (not seen in practice).
     """
     labels = _as_label_map(labels)
-    lo, hi = _resolve_band(band)
+    lo, hi = resolve_band(band)
     if seed is not None and rng is not None:
         raise ValueError("pass either seed or rng, not both")
     if rng is None:

@@ -265,6 +265,13 @@ def ras_axes(direction: Sequence[float] | np.ndarray) -> tuple[tuple[int, int, i
     return (axes[0], axes[1], axes[2]), (flips[0], flips[1], flips[2])
 
 
+def slice_axis(grid) -> int:
+    """The slice contract: the array axis (0, 1 or 2 of (z, y, x)) whose direction is closest to the
+    patient's superior-inferior axis (:func:`ras_axes`). Every per-slice score of SegQC is along it,
+    its ``index`` an index of that input array axis, and the JSON names it (``slice_axis``)."""
+    return int(ras_axes(grid.direction)[0][0])
+
+
 def to_ras(array: np.ndarray, axes: Sequence[int], flips: Sequence[bool]) -> np.ndarray:
     """Permute and flip a (z, y, x) array (or (..., z, y, x) with leading axes) to RAS order."""
     lead = array.ndim - 3

@@ -135,9 +135,16 @@ def _as_label_array(array: np.ndarray, source: str) -> np.ndarray:
 def binary_mask(seg: Segmentation, label: str | int | None = None) -> tuple[np.ndarray, Segment]:
     """The bool mask of one structure and its segment. An unnamed single label is taken as the mask.
 
+    An unnamed file without any labelled voxel is an empty binary mask (a segmenter that found
+    nothing): an all-False mask and a segment named ``""`` (no name: the caller names it), valued
+    ``label`` when that is a value, else 1.
+
     Raises :class:`InputError` for an unknown label, or when ``label`` is None and the file holds
     several labels (a non-binary mask).
     """
+    if not seg.named and not seg.segments and (label is None or str(label).strip().isdigit()):
+        value = int(str(label).strip()) if label is not None else 1
+        return np.zeros(seg.layers.shape[1:], bool), Segment("", value)
     seg_info = seg.find(label)
     return seg.layers[seg_info.layer] == seg_info.value, seg_info
 

@@ -128,6 +128,7 @@ class ModelEntry:
     description: str
     kind: str  # "regressor" (scores only), "reconstruction" (scores + pGT) or "instance" (QANet: image + instance labels)
     priority: int = 0  # the highest-priority model is the default of `segqc qc` and `segqc demo`
+    domain: dict[str, Any] | None = None  # what it was trained on (SegQCLib.domain.card_domain); None: unknown
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
@@ -135,9 +136,10 @@ _discovered = False
 
 
 def register_model(name: str, factory: Callable[[str], QCModel], description: str, kind: str = "regressor",
-                   priority: int = 0) -> None:
-    """Register a model factory under ``name`` (a later registration of the same name replaces it)."""
-    _REGISTRY[name] = ModelEntry(name, factory, description, kind, priority)
+                   priority: int = 0, domain: dict[str, Any] | None = None) -> None:
+    """Register a model factory under ``name`` (a later registration of the same name replaces it);
+    ``domain``: what the model was trained on (:func:`SegQCLib.domain.card_domain`), for :func:`choose_model`."""
+    _REGISTRY[name] = ModelEntry(name, factory, description, kind, priority, domain)
 
 
 def _discover() -> None:
@@ -169,6 +171,30 @@ def default_model_name() -> str | None:
     return max(models, key=lambda m: (m.priority, m.name)).name if models else None
 
 
+def choose_model(image: Volume, label: str | None) -> tuple[str, dict[str, list[str]]]:
+    """The model `segqc qc` uses when none is named: the highest-priority installed slice model
+    (not an instance model) whose domain fits ``image`` and the structure ``label`` (None: any
+    structure), with the reasons each higher-priority model was passed over (name -> reasons).
+
+    Raises :class:`InputError` naming the image when none is installed or none fits (the reasons of
+    each): scoring outside every model's domain gives numbers that mean nothing, so it is refused
+    rather than guessed; ``--model`` scores it anyway, with the warning."""
+    from .domain import check_domain
+
+    entries = sorted((e for e in available_models() if e.kind != "instance"), key=lambda e: (-e.priority, e.name))
+    if not entries:
+        raise InputError("--model", "no QC model is installed yet (`segqc models` lists them)")
+    passed: dict[str, list[str]] = {}
+    for entry in entries:
+        verdict = check_domain(entry.domain, image, label)
+        if verdict["in"]:
+            return entry.name, passed
+        passed[entry.name] = verdict["reasons"]
+    why = "; ".join(f"{name}: {', '.join(reasons)}" for name, reasons in passed.items())
+    raise InputError(image.name or "image", f"no installed QC model's domain fits it ({why}); "
+                                            "choose one with --model to score it anyway")
+
+
 def resolve_device(device: str = "auto") -> str:
     """``auto`` -> ``cuda`` when a CUDA GPU is usable, else ``cpu``; ``cuda`` without a GPU is an error."""
     if device not in ("auto", "cpu", "cuda"):
@@ -185,8 +211,10 @@ def resolve_device(device: str = "auto") -> str:
 
 
 def compare_to_reference(mask: np.ndarray, reference: np.ndarray, spacing: tuple[float, float, float], label: str,
-                         threshold: float = DEFAULT_FLAG_THRESHOLD) -> QCResult:
-    """True metrics of ``mask`` against ``reference`` (bool (z, y, x), spacing (z, y, x) mm) as a QCResult.
+                         threshold: float = DEFAULT_FLAG_THRESHOLD, slice_axis: int = 0) -> QCResult:
+    """True metrics of ``mask`` against ``reference`` (bool (z, y, x), spacing (z, y, x) mm) as a QCResult,
+    slices along the array axis ``slice_axis`` (pass :func:`~SegQCLib.fingerprint.slice_axis` of the
+    image's grid, so the rows line up with the models').
 
     Used by `segqc metrics`, the demo (truth beside the prediction) and the Slicer Logic.
     """
@@ -196,6 +224,6 @@ def compare_to_reference(mask: np.ndarray, reference: np.ndarray, spacing: tuple
 
     start = time.perf_counter()
     volume = volume_metrics(mask, reference, spacing)
-    rows = slice_metrics(mask, reference, spacing)
+    rows = slice_metrics(mask, reference, spacing, axis=slice_axis)
     return QCResult.from_slice_scores("reference", label, volume, rows, threshold,
-                                      runtime_s=time.perf_counter() - start)
+                                      runtime_s=time.perf_counter() - start, extra={"slice_axis": int(slice_axis)})

@@ -5,7 +5,10 @@ by SegQC's degradations, scored by the shipped Quality Sentinel model, on a real
 """
 from __future__ import annotations
 
+import csv
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,9 +21,9 @@ import pytest
 from SegQCLib.batch import RESULT_COLUMNS, ResultJournal, case_key, read_results, run_batch
 from SegQCLib.data.degraded import crop_to_labels, degraded_dataset
 from SegQCLib.data.sources import colin27
-from SegQCLib.degrade import degrade_to_band
+from SegQCLib.degrade import DSC_BANDS, degrade_to_band
 from SegQCLib.errors import InputError
-from SegQCLib.io import Segmentation, read_segmentation, write_segmentation
+from SegQCLib.io import Segmentation, read_segmentation, write_mask, write_segmentation, write_volume
 from SegQCLib.metrics import dice
 from SegQCLib.qc import available_models
 from SegQCLib.volume import Grid
@@ -306,3 +309,190 @@ def test_unknown_model_fails_before_any_work(dataset, tmp_path):
     with pytest.raises(InputError, match="unknown QC model"):
         run_batch(dataset, "no-such-model", tmp_path / "out", workers=2)
     assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------- truth by name (issue 33)
+TEMPLATES = Path("/usr/share/mricron/templates")
+needs_colin27 = pytest.mark.skipif(not (TEMPLATES / "aal.nii.txt").is_file(), reason="apt-get install mricron-data")
+#: Five neighbouring AAL structures: the box around them keeps the files small.
+PAIR_STRUCTURES = ("Hippocampus_L", "ParaHippocampal_L", "Amygdala_L", "Putamen_L", "Pallidum_L")
+PAIR_BANDS = {"better": DSC_BANDS[3], "worse": DSC_BANDS[1]}
+
+
+@pytest.fixture(scope="module")
+def colin_box(tmp_path_factory) -> dict:
+    """Colin27's T1 and its whole AAL atlas cut to a box around PAIR_STRUCTURES (8-voxel margin),
+    written as a user copies them: ``t1.nii.gz``, ``aal.nii.gz`` with its sidecar ``aal.nii.txt``
+    (so value 1 is Precentral_L there), and the atlas label map itself for the expected masks."""
+    folder = tmp_path_factory.mktemp("colin-box")
+    subject = colin27("aal")
+    atlas = subject.segmentation
+    values = {name: atlas.find(name).value for name in PAIR_STRUCTURES}
+    chosen = np.isin(atlas.labelmap, list(values.values()))
+    image, _ = crop_to_labels(subject.image, chosen.astype(np.uint8), 8)
+    lo = np.maximum(np.argwhere(chosen).min(0) - 8, 0)  # the same box as crop_to_labels', for the whole atlas
+    labels = atlas.labelmap[tuple(slice(a, a + n) for a, n in zip(lo, image.shape))]
+    write_volume(image, folder / "t1.nii.gz")
+    write_mask(labels, image.grid, folder / "aal.nii.gz")
+    shutil.copy(TEMPLATES / "aal.nii.txt", folder / "aal.nii.txt")
+    assert read_segmentation(folder / "aal.nii.gz").find("1").name == "Precentral_L"
+    return {"folder": folder, "grid": image.grid, "labels": labels, "values": values}
+
+
+def _ten_pairs(box: dict) -> tuple[Path, dict[str, float]]:
+    """The user's CSV: ten binary masks (five structures x two methods, each degraded into a DSC band),
+    reference aal.nii.gz, ``label`` = the structure's name. Returns the CSV and each mask's achieved DSC."""
+    folder, achieved = box["folder"], {}
+    lines = ["image,segmentation,reference,label,method"]
+    for i, name in enumerate(PAIR_STRUCTURES):
+        for method, band in PAIR_BANDS.items():
+            truth = (box["labels"] == box["values"][name]).astype(np.uint8)
+            degraded, achieved[f"{name}_{method}"] = degrade_to_band(truth, band, seed=i)
+            write_mask(degraded > 0, box["grid"], folder / f"{name}_{method}.nii.gz")
+            lines.append(f"t1.nii.gz,{name}_{method}.nii.gz,aal.nii.gz,{name},{method}")
+    (folder / "pairs.csv").write_text("\n".join(lines) + "\n")
+    return folder / "pairs.csv", achieved
+
+
+@needs_colin27
+def test_ten_binary_masks_against_the_aal_atlas_match_segqc_metrics(colin_box, tmp_path, capsys):
+    """Issue 33: binary masks (value 1) against aal.nii.gz (1 = Precentral_L) with ``label`` naming the
+    structure: one row per pair, its true DSC / HD95 those of `segqc metrics` on the same files."""
+    from SegQCLib.cli import main
+
+    pairs, achieved = _ten_pairs(colin_box)
+    out = tmp_path / "qc"
+    assert main(["batch", str(pairs), "--out", str(out), "--model", MODEL, "--workers", "0", "--no-report",
+                 "--device", "cpu"]) == 0
+    table = read_results(out / "results.csv")
+    assert len(table) == 10 and sorted(table.case_id) == sorted(achieved)
+    assert (table.status == "ok").all() and (table.case_rows == 1).all()
+    trained = set(json.loads((Path(__file__).resolve().parents[1] / "Resources" / "Models" /
+                              f"{MODEL}.json").read_text()).get("trained_structures", []))
+    for row in table.itertuples():
+        name = row.case_id.rsplit("_", 1)[0]
+        assert row.structure == name and row.label_value == colin_box["values"][name]
+        assert row.true_dsc == pytest.approx(achieved[row.case_id], abs=1e-9)  # the degradation's own DSC
+        json_out = tmp_path / f"{row.case_id}.json"
+        assert main(["metrics", row.segmentation, row.reference, "--label", name, "--json", str(json_out)]) == 0
+        metrics = json.loads(json_out.read_text())["volume"]
+        assert row.true_dsc == pytest.approx(metrics["dsc"], abs=1e-9)
+        assert row.true_hd95 == pytest.approx(metrics["hd95"], abs=1e-6)
+        assert ("model not trained on this structure" in row.note) == (bool(trained) and name not in trained)
+    assert table.true_dsc.min() > 0.05
+    capsys.readouterr()
+
+
+@needs_colin27
+def test_tables_that_number_structures_differently_are_matched_by_name(colin_box, tmp_path):
+    """The segmentation's table says 1 = Hippocampus_L, 2 = Amygdala_L; the reference's 1 = Putamen_L,
+    2 = Hippocampus_L. No value is compared with a value of another structure; Amygdala_L, missing from
+    the reference, has no true metrics (blank in the CSV) and a note; Putamen_L, which the segmentation
+    lacks, is scored as its empty segmentation. A row whose label names a structure gives that one row,
+    also for an empty binary mask."""
+    folder, labels, values, grid = colin_box["folder"], colin_box["labels"], colin_box["values"], colin_box["grid"]
+    hippo = labels == values["Hippocampus_L"]
+    degraded, achieved = degrade_to_band(hippo.astype(np.uint8), DSC_BANDS[3], seed=7)
+    seg = np.where(degraded > 0, 1, np.where(labels == values["Amygdala_L"], 2, 0)).astype(np.uint8)
+    ref = np.where(labels == values["Putamen_L"], 1, np.where(hippo, 2, 0)).astype(np.uint8)
+    write_segmentation(Segmentation.from_labelmap(seg, grid, {1: "Hippocampus_L", 2: "Amygdala_L"}),
+                       tmp_path / "seg.nii.gz")  # with its sidecar table seg.txt
+    write_segmentation(Segmentation.from_labelmap(ref, grid, {1: "Putamen_L", 2: "Hippocampus_L"}),
+                       tmp_path / "ref.nii.gz")
+    write_mask(np.zeros_like(seg), grid, tmp_path / "empty.nii.gz")
+    image = folder / "t1.nii.gz"
+    (tmp_path / "pairs.csv").write_text(
+        "case_id,image,segmentation,reference,label\n"
+        f"all,{image},seg.nii.gz,ref.nii.gz,\n"
+        f"named,{image},seg.nii.gz,ref.nii.gz,Putamen_L\n"
+        f"empty,{image},empty.nii.gz,{folder / 'aal.nii.gz'},Pallidum_L\n")
+    summary = run_batch(tmp_path / "pairs.csv", MODEL, tmp_path / "out", workers=0, write_pgt=False)
+    table = read_results(summary.results)
+    assert (table.status == "ok").all(), table.error.tolist()
+    rows = {(r.case_id, r.structure): r for r in table.itertuples()}
+    assert sorted(rows) == [("all", "Amygdala_L"), ("all", "Hippocampus_L"), ("all", "Putamen_L"),
+                            ("empty", "Pallidum_L"), ("named", "Putamen_L")]
+    hippocampus = rows[("all", "Hippocampus_L")]
+    assert hippocampus.true_dsc == pytest.approx(achieved, abs=1e-9) and hippocampus.label_value == 2
+    assert dice(seg == 1, ref == 1) == 0.0  # what comparing the values would have given
+    amygdala = rows[("all", "Amygdala_L")]
+    assert np.isnan(amygdala.true_dsc) and np.isnan(amygdala.true_hd95) and np.isfinite(amygdala.pred_dsc)
+    assert "structure not in the reference: no true metrics" in amygdala.note
+    for key in (("all", "Putamen_L"), ("named", "Putamen_L"), ("empty", "Pallidum_L")):  # found nothing
+        assert rows[key].true_dsc == 0.0 and np.isinf(rows[key].true_hd95) and "empty segmentation" in rows[key].note
+    assert rows[("empty", "Pallidum_L")].label_value == values["Pallidum_L"]
+    with open(summary.results, newline="") as handle:  # blank cells, never 0, in the file itself
+        raw = {(r["case_id"], r["structure"]): r for r in csv.DictReader(handle)}
+    assert raw[("all", "Amygdala_L")]["true_dsc"] == "" and raw[("all", "Amygdala_L")]["true_hd95"] == ""
+    assert list(raw[("all", "Amygdala_L")]) == list(RESULT_COLUMNS)
+
+
+def test_a_journal_of_an_earlier_version_resumes(dataset, tmp_path):
+    """A results.csv with the 23 columns of earlier versions (or any prefix of today's) keeps its
+    finished cases: the run skips them, and the file is rewritten with today's header, the old rows
+    blank in the new columns."""
+    out = tmp_path / "out"
+    run_batch(dataset, MODEL, out, workers=0, limit=1, write_pgt=False)
+    journal = out / "results.csv"
+    with open(journal, newline="") as handle:
+        written = list(csv.DictReader(handle))
+    old_columns = RESULT_COLUMNS[: RESULT_COLUMNS.index("case_rows") + 1]
+    assert len(old_columns) == 23 and len(written) == 3
+    with open(journal, "w", newline="") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(old_columns)
+        writer.writerows([r[c] for c in old_columns] for r in written)
+    summary = run_batch(dataset, MODEL, out, workers=0, limit=2, write_pgt=False)
+    assert (summary.skipped, summary.done, summary.errors) == (1, 1, 0)
+    assert journal.read_text().splitlines()[0] == ",".join(RESULT_COLUMNS)
+    with open(journal, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 6 and all(None not in r for r in rows)
+    assert [{c: r[c] for c in old_columns} for r in rows[:3]] == [{c: r[c] for c in old_columns} for r in written]
+    assert all(r[c] == "" for r in rows[:3] for c in RESULT_COLUMNS[len(old_columns):])
+    assert read_results(journal).pred_dsc_lo.iloc[:3].isna().all()  # parsed as floats: blank -> NaN
+    # a journal of an in-between version (a longer prefix), with a torn case: finished cases kept, torn dropped
+    prefix = RESULT_COLUMNS[:-2]
+    with open(journal, "w", newline="") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(prefix)
+        writer.writerows([r[c] for c in prefix] for r in rows[:4])
+    reopened = ResultJournal(journal)
+    assert reopened.finished() == {case_key(rows[0]["case_id"], rows[0]["method"], MODEL)}
+    assert journal.read_text().splitlines()[0] == ",".join(RESULT_COLUMNS) and len(reopened.rows) == 3
+    # a header that is no prefix of today's (a column renamed) is not taken for a journal
+    journal.write_text(",".join(("case", *RESULT_COLUMNS[1:])) + "\n")
+    with pytest.raises(InputError, match="not a SegQC results journal"):
+        ResultJournal(journal)
+
+
+@needs_colin27
+def test_a_batch_in_which_every_case_failed_exits_non_zero(colin_box, tmp_path, capsys):
+    """Every case failing (two unreadable masks) exits 1 with one line saying so, from main() and from
+    the console script; when a case finished well in an earlier run, failures now exit 0."""
+    from SegQCLib.cli import main
+
+    for name in ("bad1.nii.gz", "bad2.nii.gz"):
+        (tmp_path / name).write_text("not an image")
+    image = colin_box["folder"] / "t1.nii.gz"
+    bad_rows = [f"{image},bad1.nii.gz", f"{image},bad2.nii.gz"]
+    (tmp_path / "bad.csv").write_text("\n".join(["image,segmentation"] + bad_rows) + "\n")
+    args = ["--model", MODEL, "--workers", "0", "--device", "cpu"]
+    capsys.readouterr()
+    assert main(["batch", str(tmp_path / "bad.csv"), "--out", str(tmp_path / "qc"), *args]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "every case failed (2 of 2)" in err[0], err
+    assert "bad1.nii.gz" in err[0]  # the first error says what went wrong
+    proc = subprocess.run([str(SEGQC), "batch", str(tmp_path / "bad.csv"), "--out", str(tmp_path / "qc2"), *args,
+                           "--no-report"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stdout + proc.stderr
+    assert "every case failed (2 of 2)" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    # a good case finished earlier: this batch scored something, so failures of the others exit 0
+    good = f"{image},{colin_box['folder'] / 'aal.nii.gz'},{colin_box['folder'] / 'aal.nii.gz'},Putamen_L"
+    mixed = tmp_path / "mixed.csv"
+    mixed.write_text("\n".join(["image,segmentation,reference,label", good] + [r + ",," for r in bad_rows]) + "\n")
+    out = tmp_path / "qc3"
+    assert main(["batch", str(mixed), "--out", str(out), *args, "--no-report", "--limit", "1"]) == 0
+    assert main(["batch", str(mixed), "--out", str(out), *args, "--no-report"]) == 0
+    table = read_results(out / "results.csv")
+    assert sorted(table.status) == ["error", "error", "ok"]

@@ -148,10 +148,68 @@ def test_qc_says_when_the_structure_name_is_new_to_the_model(files, tmp_path: Pa
 
 
 @pytest.mark.skipif(not SHIPPED.exists(), reason="no shipped Sentinel model")
+def test_qc_scores_carry_the_cards_calibrated_intervals(files, tmp_path: Path, capsys) -> None:
+    """Every volume and slice score has its 90 % interval beside it; a structure the model never saw gets
+    the out-of-domain interval (calibrated on held-out structures: wider) and the CLI says so."""
+    card = json.loads(SHIPPED.read_text())
+    assert card["calibration"]["coverage"] == 0.9
+    runs = {}
+    for name, extra_args in (("unseen", []), ("seen", ["--name", "Putamen_L"])):
+        out = tmp_path / f"{name}.json"
+        assert run_cli("qc", files["image"], files["pred"], "--label", "Hippocampus_R", *extra_args, "--model",
+                       "sentinel-brain-mr", "--device", "cpu", "--json", out) == 0
+        runs[name] = json.loads(out.read_text())
+        volume = runs[name]["volume"]
+        assert 0.0 <= volume["dsc_lo"] <= volume["dsc"] <= volume["dsc_hi"] <= 1.0
+        assert all(row["dsc_lo"] <= row["dsc"] <= row["dsc_hi"] for row in runs[name]["slices"])
+    assert runs["unseen"]["extra"]["interval"]["domain"] == "out"
+    assert runs["seen"]["extra"]["interval"]["domain"] == "in"
+    text = " ".join(capsys.readouterr().out.split())
+    assert "intervals: 90 % calibrated" in text and "outside the model's domain" in text
+    assert f"dsc={runs['seen']['volume']['dsc']:.3f} [" in text
+
+
+@pytest.mark.skipif(not SHIPPED.exists(), reason="no shipped Sentinel model")
 def test_demo_uses_the_installed_model_with_truth_beside(capsys) -> None:
     assert run_cli("demo", "--device", "cpu") == 0
     text = capsys.readouterr().out
     assert "sentinel-brain-mr" in text and "pred dsc" in text and "true dsc" in text and "truth:" in text
+
+
+SEGQC = Path(sys.executable).with_name("segqc")
+
+
+def test_version_prints_one_line(capsys) -> None:
+    from SegQCLib import __version__
+
+    assert run_cli("--version") == 0
+    assert capsys.readouterr().out.strip() == f"segqc {__version__}"
+    proc = subprocess.run([str(SEGQC), "--version"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"segqc {__version__}" and proc.stderr == ""
+
+
+def test_bare_segqc_prints_the_help_without_a_traceback(capsys) -> None:
+    """No arguments: the usage and the command list (click's usage-error code 2), never a traceback."""
+    assert run_cli() == 2
+    printed = capsys.readouterr()
+    text = printed.out + printed.err
+    assert "Usage: segqc" in text and "batch" in text and "metrics" in text and "Traceback" not in text
+    proc = subprocess.run([str(SEGQC)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Usage: segqc" in proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("band", [("0.95", "0.2"), ("0.2", "0.4")])
+def test_console_script_bad_band_is_one_line(band, files, tmp_path: Path) -> None:
+    out = tmp_path / "o.nii.gz"
+    proc = subprocess.run([str(SEGQC), "degrade", str(files["ref"]), "--label", "Hippocampus_L", "--dsc-band", *band,
+                           "-o", str(out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip() == (f"error: --dsc-band: {band[0]} {band[1]} is not one of the DSC bands "
+                                   "(0.05 0.1, 0.1 0.25, 0.25 0.5, 0.5 0.75, 0.75 0.95)")
+    assert not out.exists()
+    demo = subprocess.run([str(SEGQC), "demo", "--dsc-band", *band], capture_output=True, text=True, timeout=120)
+    assert demo.returncode == 2 and demo.stderr.strip() == proc.stderr.strip()
 
 
 def test_console_script_exit_code(files, tmp_path: Path) -> None:
@@ -213,6 +271,8 @@ CASES = {
     "non-integer-mask": lambda f, t: (["qc", f["image"], _bad(t, "prob.nii.gz", _nifti(
         np.full((5, 6, 7), 0.5, np.float32)))], "prob.nii.gz: segmentation has non-integer values"),
     "bad-band": lambda f, t: (["degrade", f["ref"], "--dsc-band", "0.9", "0.2", "-o", t / "o.nii.gz"], "--dsc-band"),
+    "unknown-band": lambda f, t: (["degrade", f["ref"], "--label", "Hippocampus_L", "--dsc-band", "0.2", "0.4", "-o",
+                                   t / "o.nii.gz"], "--dsc-band: 0.2 0.4 is not one of the DSC bands (0.05 0.1,"),
     "overwrite-input": lambda f, t: (["degrade", f["pred"], "--dsc-band", "0.5", "0.75", "-o", f["pred"]],
                                      "would overwrite an input"),
     # instance segmentations (QANet): the user's file is named, not the argument

@@ -71,6 +71,13 @@ def test_assess_with_a_pgt_model_makes_table_plot_and_pgt_fp_fn_nodes(mni_case, 
     assert list(slices) == [row["index"] for row in result.slices]
     flagged = table_column(table, "flagged").astype(bool)
     assert list(slices[flagged]) == result.flagged
+    # each score with its calibrated interval right after it (the atlas card's calibration)
+    names = [table.GetTable().GetColumnName(i) for i in range(table.GetNumberOfColumns())]
+    assert names[names.index("dsc"):names.index("dsc") + 3] == ["dsc", "dsc_lo", "dsc_hi"]
+    dsc, lo, hi = (table_column(table, c) for c in ("dsc", "dsc_lo", "dsc_hi"))
+    assert np.all((lo <= dsc + 1e-9) & (dsc <= hi + 1e-9)) and np.any(hi - lo > 0)
+    assert "90 % calibrated interval" in table.GetColumnDescription("dsc_lo")
+    assert table.GetAttribute("SegQC.interval.coverage") == "0.9" and table.GetAttribute("SegQC.interval.domain") == "in"
     # the plot: scores per slice and a threshold line spanning the slices
     chart = logic.lastChartNode
     assert table.GetNodeReference("SegQCChart") is chart and chart.GetNumberOfPlotSeriesNodes() == 2
@@ -119,6 +126,8 @@ def test_batch_of_a_mrb_scene_saves_the_summary_back(mni_case, logic, scene, sli
     assert column("node")[:2] == ["quick brain", "careful brain"]  # worst first
     scores = column("score")
     assert scores[0] < 0.8 < scores[1] and math.isnan(scores[2])
+    low, high = column("scoreLow"), column("scoreHigh")
+    assert all(low[i] <= scores[i] <= high[i] for i in range(2)) and math.isnan(low[2])
     assert column("segment")[2] == "Liver" and "no atlas" in column("status")[2]
     assert column("flagged")[0] > column("flagged")[1]
 

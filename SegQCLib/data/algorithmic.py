@@ -70,7 +70,9 @@ __all__ = [
     "region_growing_segmentation",
     "registration_segmentation",
     "registration_transform",
+    "register_onto",
     "threshold_segmentation",
+    "volume_scale",
 ]
 
 #: Method families of :func:`algorithmic_segmentations`.
@@ -348,16 +350,25 @@ def _as_sitk(volume: Volume, array: np.ndarray | None = None) -> sitk.Image:
     return image
 
 
-def _start_transform(fixed: sitk.Image, kind: str, variant: int) -> sitk.Transform:
-    """Identity about the fixed image's centre (variant 0) or a seeded rigid misalignment of it."""
+def _start_transform(fixed: sitk.Image, kind: str, variant: int, moving: sitk.Image | None = None) -> sitk.Transform:
+    """Identity about the fixed image's centre (variant 0) or a seeded rigid misalignment of it.
+
+    With ``moving``, the start first aligns the two images' centres of mass (intensity moments), so
+    that a scanner's origin or a field of view that puts the head elsewhere in world space does not
+    leave the optimiser far from the answer; variants then add their rotations about that start."""
     centre = fixed.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2.0 for n in fixed.GetSize()])
     rigid = sitk.Euler3DTransform()
     rigid.SetCenter(centre)
+    if moving is not None:
+        moments = sitk.CenteredTransformInitializer(fixed, moving, sitk.Euler3DTransform(),
+                                                    sitk.CenteredTransformInitializerFilter.MOMENTS)
+        rigid = sitk.Euler3DTransform(moments)
     if variant > 0:
         draw = np.random.default_rng(variant)
         angles = np.deg2rad(draw.normal(0.0, VARIANT_ROTATION_DEG, size=3))
         rigid.SetRotation(*(float(a) for a in angles))
-        rigid.SetTranslation([float(t) for t in draw.normal(0.0, VARIANT_TRANSLATION_MM, size=3)])
+        rigid.SetTranslation([float(a) + float(t) for a, t in zip(rigid.GetTranslation(),
+                                                                   draw.normal(0.0, VARIANT_TRANSLATION_MM, size=3))])
     if kind == "rigid":
         return rigid
     affine = sitk.AffineTransform(3)
@@ -368,7 +379,7 @@ def _start_transform(fixed: sitk.Image, kind: str, variant: int) -> sitk.Transfo
 
 
 @lru_cache(maxsize=16)
-def _cached_transform(moving: _Keyed, fixed: _Keyed, kind: str, variant: int) -> sitk.Transform:
+def _cached_transform(moving: _Keyed, fixed: _Keyed, kind: str, variant: int, moments: bool = False) -> sitk.Transform:
     fixed_image = _as_sitk(fixed.volume, fixed.volume.array.astype(np.float32, copy=False))
     moving_image = _as_sitk(moving.volume, moving.volume.array.astype(np.float32, copy=False))
     method = sitk.ImageRegistrationMethod()
@@ -382,7 +393,8 @@ def _cached_transform(moving: _Keyed, fixed: _Keyed, kind: str, variant: int) ->
     method.SetShrinkFactorsPerLevel(list(SHRINK_FACTORS))
     method.SetSmoothingSigmasPerLevel(list(SMOOTHING_SIGMAS_MM))
     method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
-    method.SetInitialTransform(_start_transform(fixed_image, kind, variant), inPlace=False)
+    method.SetInitialTransform(_start_transform(fixed_image, kind, variant, moving_image if moments else None),
+                               inPlace=False)
     return method.Execute(fixed_image, moving_image)
 
 
@@ -404,12 +416,25 @@ def registration_transform(moving: LabelledSubject, fixed: LabelledSubject, kind
                              kind, int(variant))
 
 
-def register_onto(moving: LabelledSubject, fixed: Volume, fixed_key: str, kind: str = "affine") -> sitk.Transform:
-    """:func:`registration_transform` onto an image that is not a built-in subject; ``fixed_key``
-    must identify its content (e.g. a hash of grid and voxels), as it keys the cache."""
+def register_onto(moving: LabelledSubject, fixed: Volume, fixed_key: str, kind: str = "affine",
+                  start: int = 0) -> sitk.Transform:
+    """:func:`registration_transform` onto an image that is not a built-in subject, started from the
+    images' aligned centres of mass (a user's image may lie anywhere in scanner space); ``start``
+    k > 0 adds the seeded rotation of variant k (another start when one fails its check).
+    ``fixed_key`` must identify the image's content (e.g. a hash of grid and voxels): it keys the cache."""
     if kind not in ("affine", "rigid"):
         raise ValueError(f"kind must be 'affine' or 'rigid', got {kind!r}")
-    return _cached_transform(_Keyed(_subject_key(moving), moving.image), _Keyed(("image", fixed_key), fixed), kind, 0)
+    return _cached_transform(_Keyed(_subject_key(moving), moving.image), _Keyed(("image", fixed_key), fixed), kind,
+                             int(start), moments=True)
+
+
+def volume_scale(transform: sitk.Transform, at_mm: Sequence[float]) -> float:
+    """|det| of the transform's Jacobian at ``at_mm`` (LPS), by finite differences of 1 mm: the
+    ratio of the volumes it maps (fixed -> moving), whatever the transform's type."""
+    p = np.asarray(at_mm, float)
+    base = np.asarray(transform.TransformPoint(tuple(p)))
+    jacobian = np.stack([np.asarray(transform.TransformPoint(tuple(p + e))) - base for e in np.eye(3)], axis=1)
+    return float(abs(np.linalg.det(jacobian)))
 
 
 def propagate_label(moving: LabelledSubject, fixed: Volume, label: str, transform: sitk.Transform) -> np.ndarray:

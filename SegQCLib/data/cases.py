@@ -12,9 +12,14 @@ Layouts understood:
 - **MSD**: ``dataset.json`` with ``training`` ([{"image": "./imagesTr/x.nii.gz", "label": ...}]),
   ``labels`` (value -> name, {"0": "background"}) and ``modality`` ({"0": "CT"}).
 - **CSV**: columns ``image`` and ``segmentation``; optional ``reference`` (a ground truth to compare
-  with), ``case_id``, ``label`` (the structure to assess: value or name), ``label_table`` (a text
-  label table), ``subject`` and ``method`` (the segmentation method that made the mask, for model
-  ranking). Relative paths are taken from the CSV's folder.
+  with), ``case_id``, ``label`` (the structure to assess: value or name; it also names an unnamed
+  binary mask), ``label_table`` (a text label table of the segmentation, also used for a reference
+  that has no table of its own), ``subject`` and ``method`` (the segmentation method that made the
+  mask, for model ranking). Relative paths are taken from the CSV's folder.
+
+A segmentation and its reference are compared structure by structure through their names
+(:func:`SegQCLib.batch.select_structures`), so each file keeps its own table: a reference with a
+sidecar table (``aal.nii.txt`` next to ``aal.nii.gz``) or a ``.seg.nrrd`` header is read with it.
 """
 from __future__ import annotations
 
@@ -26,8 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
-from ..io import IMAGE_SUFFIXES, Segmentation, align_to_grid, read_label_table, read_segmentation, read_volume
-from ..volume import Volume
+from ..io import (IMAGE_SUFFIXES, Segmentation, align_to_grid, read_label_table, read_segmentation, read_volume,
+                  sidecar_label_table)
+from ..volume import Grid, Volume
 
 #: Modality names of dataset.json files mapped to SegQC's modality codes.
 _MR_NAMES = {"MR", "MRI", "T1", "T1W", "T1GD", "T1C", "T1CE", "T2", "T2W", "FLAIR", "ADC", "DWI", "PD", "HBV",
@@ -65,12 +71,19 @@ class Case:
         seg = read_segmentation(self.segmentation, self.label_table)
         return image, align_to_grid(seg, image.grid)
 
-    def load_reference(self) -> Segmentation | None:
-        """The reference segmentation on the image grid, or None when the case has none."""
+    def load_reference(self, grid: Grid | None = None) -> Segmentation | None:
+        """The reference segmentation on the image grid, or None when the case has none.
+
+        ``grid``: the image's grid when the caller has read the image already (else it is read).
+        Names come from the reference's own table (``.seg.nrrd`` header, sidecar text table) and
+        only without one from the case's ``label_table``: a table written for the segmentation must
+        not rename the reference's values (the structures are then matched by name).
+        """
         if self.reference is None:
             return None
-        image = read_volume(self.image)
-        return align_to_grid(read_segmentation(self.reference, self.label_table), image.grid)
+        grid = read_volume(self.image).grid if grid is None else grid
+        table = None if sidecar_label_table(self.reference) is not None else self.label_table
+        return align_to_grid(read_segmentation(self.reference, table), grid)
 
 
 # --------------------------------------------------------------------------- entry points

@@ -12,6 +12,7 @@ import json
 import os
 from pathlib import Path
 
+from ..domain import card_domain
 from ..qc import register_model
 
 #: architecture -> (module, loader function taking (card_path, device), kind)
@@ -66,7 +67,7 @@ def register_installed_models() -> None:
             seen.add(name)
             module, function, kind = LOADERS[arch]
             register_model(name, _factory(card, module, function), data.get("description", arch), kind,
-                           int(data.get("priority", 0)))
+                           int(data.get("priority", 0)), card_domain(data))
 
 
 def register_builtin_models() -> None:
@@ -77,7 +78,20 @@ def register_builtin_models() -> None:
         from .atlas import MODEL_NAME, load_model
 
         register_model(MODEL_NAME, load_model, "pGT from an affinely registered brain atlas (Colin27 AAL/brain, "
-                       "MNI152 tissue/brain) fitted to the T1 image's brain tissue: DSC/HD95 vs pGT", "reconstruction", priority=0)
+                       "MNI152 tissue/brain) fitted to the T1 image's brain tissue: DSC/HD95 vs pGT", "reconstruction", priority=0,
+                       domain=card_domain(builtin_card(MODEL_NAME)))
+
+
+def builtin_card(name: str) -> dict:
+    """The card of a built-in model (no weights) found in :func:`model_dirs` (calibration, domain), or {}."""
+    for folder in model_dirs():
+        card = folder / f"{name}.json"
+        if card.is_file():
+            try:
+                return json.loads(card.read_text())
+            except (OSError, ValueError):
+                return {}
+    return {}
 
 
 register_installed_models()

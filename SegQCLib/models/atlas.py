@@ -31,6 +31,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from scipy import ndimage
 
+from ..calibration import annotate_result
+from ..domain import assess_domain, card_domain
 from ..errors import DataSourceMissing, InputError
 from ..qc import DEFAULT_FLAG_THRESHOLD, QCResult
 from ..volume import Volume
@@ -93,6 +95,79 @@ def brain_tissue_mask(image: np.ndarray, outline: np.ndarray, spacing: Sequence[
     return labels == 1 + int(np.argmax(sizes))
 
 
+#: Rotated registration starts tried after the centre-of-mass start fails its check.
+EXTRA_STARTS = 3
+#: A registered brain outline must lie on the head for at least this share of its voxels.
+MIN_SHARE_ON_HEAD = 0.9
+#: Plausible volume ratio (image brain / atlas brain) of an affine registration between adult heads.
+VOLUME_SCALE_RANGE = (0.5, 2.0)
+#: Least rank correlation of image and registered atlas inside the brain (see anatomy_correlation):
+#: Colin27 onto MNI152 gives 0.63 (also with MNI152's origin moved 55 mm), gamma noise -0.01.
+MIN_ANATOMY_CORRELATION = 0.3
+
+
+def head_mask(image: Volume) -> np.ndarray:
+    """The head (or body) in a T1 image: voxels above the Otsu threshold of the image, holes filled
+    slice by slice along each axis' union (enclosed dark CSF and air cavities count as head):
+    bool (z, y, x)."""
+    from skimage.filters import threshold_otsu
+
+    array = np.asarray(image.array, np.float32)
+    sample = array.ravel()[:: max(1, array.size // 2_000_000)]
+    if np.ptp(sample) == 0:
+        return np.zeros(array.shape, bool)
+    fg = array > threshold_otsu(sample)
+    return ndimage.binary_fill_holes(ndimage.binary_closing(fg, iterations=2))
+
+
+def anatomy_correlation(image: Volume, atlas_image: Volume, outline: np.ndarray, transform,
+                        samples: int = 20_000) -> float:
+    """Spearman correlation of the image with the registered atlas image over (a random sample of) the
+    registered brain ``outline``: T1 onto T1, registered right, grey and white matter line up; a
+    misregistration or an image that is no brain T1 gives near 0. Rank-based, so any scanner's
+    intensity scale and offset give the same value."""
+    import SimpleITK as sitk
+    from scipy import stats
+
+    from ..data.algorithmic import _as_sitk
+
+    idx = np.argwhere(outline)
+    if len(idx) < 100:
+        return 0.0
+    if len(idx) > samples:
+        idx = idx[np.random.default_rng(0).choice(len(idx), samples, replace=False)]
+    warped = sitk.GetArrayFromImage(sitk.Resample(_as_sitk(atlas_image, atlas_image.array.astype(np.float32)),
+                                                  _as_sitk(image, np.zeros(image.shape, np.float32)), transform,
+                                                  sitk.sitkLinear, 0.0, sitk.sitkFloat32))
+    own, atlas_values = image.array[tuple(idx.T)], warped[tuple(idx.T)]
+    if np.ptp(own) == 0 or np.ptp(atlas_values) == 0:
+        return 0.0
+    return float(stats.spearmanr(own, atlas_values)[0])
+
+
+def registration_check(image: Volume, outline: np.ndarray, transform, atlas_image: Volume) -> str | None:
+    """Why a registered atlas brain ``outline`` (bool (z, y, x) on ``image``'s grid) cannot be trusted,
+    or None when it can: it must be non-empty, lie on the image's head (:func:`head_mask`) for at least
+    :data:`MIN_SHARE_ON_HEAD` of its voxels, the registration must scale volumes plausibly
+    (:data:`VOLUME_SCALE_RANGE`, measured at the outline's centre), and the anatomy inside it must
+    match the atlas's (:func:`anatomy_correlation` at least :data:`MIN_ANATOMY_CORRELATION`)."""
+    from ..data.algorithmic import volume_scale
+
+    if not outline.any():
+        return "the registered brain falls outside the image"
+    share = float((outline & head_mask(image)).sum() / outline.sum())
+    if share < MIN_SHARE_ON_HEAD:
+        return f"only {100 * share:.0f} % of the registered brain lies on the head"
+    centre = image.grid.index_to_lps(np.argwhere(outline).mean(axis=0))
+    scale = 1.0 / max(volume_scale(transform, centre), 1e-9)  # the transform maps image -> atlas points
+    if not VOLUME_SCALE_RANGE[0] <= scale <= VOLUME_SCALE_RANGE[1]:
+        return f"the registration scales the brain by {scale:.2f} in volume"
+    r = anatomy_correlation(image, atlas_image, outline, transform)
+    if r < MIN_ANATOMY_CORRELATION:
+        return f"the image inside the registered brain does not look like the atlas's (rank correlation {r:.2f})"
+    return None
+
+
 class AtlasQC:
     """QC by atlas registration (see the module docstring).
 
@@ -110,6 +185,9 @@ class AtlasQC:
         self.atlases = tuple(atlases) if atlases else tuple(label for label, _ in _atlas_loaders())
         self._subjects: dict[str, object] = {}
         self._tissue: dict[str, np.ndarray] = {}  # image fingerprint -> brain_tissue_mask (one image kept)
+        self._accepted: dict[tuple[str, str], int] = {}  # (atlas, image fingerprint) -> registration start
+        self.calibration = None  # the card's Calibration (intervals), set by load_model
+        self.domain = None  # the card's domain (SegQCLib.domain.card_domain), set by load_model
 
     def _subject(self, atlas: str):
         if atlas not in self._subjects:
@@ -139,12 +217,38 @@ class AtlasQC:
                                 f"(atlases: {', '.join(self.atlases)}; e.g. Brain, Hippocampus_L, GreyMatter)")
 
     def _propagated(self, image: Volume, label: str, key: str) -> np.ndarray:
-        from ..data.algorithmic import propagate_label, register_onto
+        from ..data.algorithmic import propagate_label
 
         atlas = self.atlas_for(image, label)
-        transform = register_onto(atlas, image, key, self.kind)
         name = next(s.name for s in atlas.segmentation.segments if s.name.lower() == label.strip().lower())
-        return propagate_label(atlas, image, name, transform)
+        return propagate_label(atlas, image, name, self._checked_transform(atlas, image, key))
+
+    def _checked_transform(self, atlas, image: Volume, key: str):
+        """The registration of ``atlas`` onto ``image`` that passes :func:`registration_check`: from
+        the aligned centres of mass first, then from up to :data:`EXTRA_STARTS` rotated starts; the
+        accepted start is kept per (atlas, image). Raises :class:`InputError` naming the image when
+        none passes: a pGT from a failed registration would score a perfect mask near 0."""
+        from ..data.algorithmic import propagate_label, register_onto
+
+        cache_key = (atlas.source, key)
+        if cache_key in self._accepted:
+            return register_onto(atlas, image, key, self.kind, start=self._accepted[cache_key])
+        brain = next((s.name for s in atlas.segmentation.segments if s.name.lower() == BRAIN_LABEL.lower()), None)
+        problems = []
+        for start in range(1 + EXTRA_STARTS):
+            transform = register_onto(atlas, image, key, self.kind, start=start)
+            if brain is None:  # an atlas without a brain outline cannot be checked this way
+                self._accepted[cache_key] = start
+                return transform
+            problem = registration_check(image, propagate_label(atlas, image, brain, transform), transform,
+                                         atlas.image)
+            if problem is None:
+                self._accepted[cache_key] = start
+                return transform
+            problems.append(problem)
+        raise InputError(image.name or "image", f"the atlas ({atlas.source}) could not be registered onto it "
+                                                f"({problems[0]}; {1 + EXTRA_STARTS} starts tried): no pGT can be "
+                                                "trusted, so it is not scored (is it a brain T1?)")
 
     def tissue_mask(self, image: Volume, key: str | None = None) -> np.ndarray:
         """:func:`brain_tissue_mask` of ``image`` around the registered atlas brain: bool (z, y, x),
@@ -170,22 +274,48 @@ class AtlasQC:
     def assess(self, image: Volume, mask: np.ndarray, label: str, *, threshold: float = DEFAULT_FLAG_THRESHOLD,
                all_slices: bool = True) -> QCResult:
         """Per-slice and volume DSC, HD95 (mm) of ``mask`` (bool (z, y, x)) against the atlas pGT."""
+        from ..fingerprint import slice_axis
         from ..metrics import slice_metrics, volume_metrics
 
         start = time.perf_counter()
         mask = np.asarray(mask, bool)
         if mask.shape != image.shape:
             raise InputError(image.name, f"mask shape {mask.shape} differs from image shape {image.shape}")
+        domain = assess_domain(self.domain, image, label)
         pgt = self.pseudo_ground_truth(image, label)
         volume = {k: v for k, v in volume_metrics(mask, pgt, image.spacing).items() if k in ("dsc", "hd95", "asd")}
-        rows = [{k: row[k] for k in ("index", "dsc", "hd95")} for row in slice_metrics(mask, pgt, image.spacing)]
-        return QCResult.from_slice_scores(self.name, label, volume, rows, threshold, pgt=pgt,
-                                          runtime_s=time.perf_counter() - start,
-                                          extra={"atlas": self.atlas_for(image, label).source, "registration": self.kind,
-                                                 "tissue_refined": self.tissue})
+        axis = slice_axis(image.grid)
+        rows = [{k: row[k] for k in ("index", "dsc", "hd95")}
+                for row in slice_metrics(mask, pgt, image.spacing, axis=axis)]
+        result = QCResult.from_slice_scores(self.name, label, volume, rows, threshold, pgt=pgt,
+                                            extra={"slice_axis": axis, "atlas": self.atlas_for(image, label).source,
+                                                   "registration": self.kind, "tissue_refined": self.tissue,
+                                                   "domain": domain})
+        # the calibration was measured on whole-brain masks: other structures are outside it
+        calibrated = domain["in"] and label.strip().lower() == BRAIN_LABEL.lower()
+        annotate_result(result, self.calibration, "in" if calibrated else "out")
+        result.runtime_s = time.perf_counter() - start
+        return result
 
 
 def load_model(device: str = "cpu") -> AtlasQC:
-    """The registered ``atlas-brain-mr`` model (registration runs on the CPU whatever ``device`` is)."""
+    """The registered ``atlas-brain-mr`` model (registration runs on the CPU whatever ``device`` is), with the
+    interval calibration of its card ``atlas-brain-mr.json`` when one is installed."""
+    import json
+
+    from ..calibration import Calibration
+    from . import model_dirs
+
     del device
-    return AtlasQC()
+    model = AtlasQC()
+    for folder in model_dirs():
+        card = folder / f"{MODEL_NAME}.json"
+        if card.is_file():
+            try:
+                data = json.loads(card.read_text())
+                model.calibration = Calibration.from_dict(data.get("calibration"))
+                model.domain = card_domain(data)
+            except (OSError, ValueError, KeyError) as err:
+                raise InputError(card, f"not a readable atlas model card ({err})") from None
+            break
+    return model

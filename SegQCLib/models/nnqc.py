@@ -49,6 +49,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..calibration import Calibration, annotate_result
+from ..domain import assess_domain, card_domain
 from ..errors import InputError
 from ..qc import DEFAULT_FLAG_THRESHOLD, QCResult
 from ..volume import Volume, check_finite
@@ -409,15 +411,18 @@ class NNQCModel:
     """A trained nnQC network with its fingerprint: implements the QC protocol (reconstruction kind)."""
 
     kind = "reconstruction"
+    domain: dict[str, Any] | None = None  # the card's domain (SegQCLib.domain.card_domain), set by load_model
 
     def __init__(self, name: str, net: NNQCNet, fingerprint, device: str = "cpu", batch_size: int | None = None,
-                 ddim_steps: int | None = None, precision: str = "auto"):
+                 ddim_steps: int | None = None, precision: str = "auto", calibration=None):
         """``precision``: "fp32", "bf16" (autocast) or "auto" (:func:`resolve_precision`: bf16 on CPUs with
-        AMX/AVX512-BF16, fp32 otherwise, CUDA included)."""
+        AMX/AVX512-BF16, fp32 otherwise, CUDA included). ``calibration``: the card's
+        :class:`~SegQCLib.calibration.Calibration` (intervals on the pseudo-scores), or None."""
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
         self.name = name
         self.net = net
+        self.calibration = calibration
         self.config: NNQCConfig = net.config
         self.fingerprint = fingerprint
         self.device = torch.device(device)
@@ -497,6 +502,7 @@ class NNQCModel:
 
         start = time.perf_counter()
         mask = self._check(image, mask)
+        domain = assess_domain(self.domain, image, label)
         pgt, transform, _ = self.pseudo_ground_truth(image, mask, all_slices)
         volume = {k: v for k, v in volume_metrics(mask, pgt, image.spacing).items() if k in ("dsc", "hd95")}
         axes, flips = transform.axes, transform.flips
@@ -505,11 +511,13 @@ class NNQCModel:
         n = transform.n_slices
         to_input = (lambda k: n - 1 - k) if flips[0] else (lambda k: k)
         rows = [{"index": int(to_input(r["index"])), "dsc": r["dsc"], "hd95": r["hd95"]} for r in rows]
-        return QCResult.from_slice_scores(self.name, label, volume, rows, threshold, pgt=pgt,
-                                          runtime_s=time.perf_counter() - start,
-                                          extra={"slice_axis": int(axes[0]), "ddim_steps": self.ddim_steps,
-                                                 "experts": self.config.experts,
-                                                 "structures": list(self.config.structures)})
+        result = QCResult.from_slice_scores(self.name, label, volume, rows, threshold, pgt=pgt,
+                                            extra={"slice_axis": int(axes[0]), "ddim_steps": self.ddim_steps,
+                                                   "experts": self.config.experts,
+                                                   "structures": list(self.config.structures), "domain": domain})
+        annotate_result(result, self.calibration, "in" if domain["in"] else "out")
+        result.runtime_s = time.perf_counter() - start
+        return result
 
 
 # --------------------------------------------------------------------------- weights
@@ -565,7 +573,10 @@ def load_model(card_path: str | Path, device: str = "cpu", image_encoder=None, p
     if missing or unexpected:
         raise InputError(weights, f"weights do not fit the card's architecture (missing {missing[:3]}, "
                                   f"unexpected {unexpected[:3]})")
-    return NNQCModel(card.get("name", card_path.stem), net, fingerprint, device=device, precision=precision)
+    model = NNQCModel(card.get("name", card_path.stem), net, fingerprint, device=device, precision=precision,
+                      calibration=Calibration.from_dict(card.get("calibration")))
+    model.domain = card_domain(card)
+    return model
 
 
 __all__ = ["NNQCConfig", "NNQCNet", "NNQCModel", "ImageDAE", "TeamOfExperts", "build_net", "make_scheduler",

@@ -38,6 +38,7 @@ from skimage.measure import label as connected_regions  # pieces of all ids in o
 from skimage.segmentation import watershed
 from torch import nn
 
+from ..calibration import Calibration, annotate_scores
 from ..errors import InputError
 from ..qc import DEFAULT_FLAG_THRESHOLD, QCResult
 
@@ -58,6 +59,8 @@ DISTANCE_TARGETS = ("mhd95", "asd")
 DEFAULT_TARGETS = ("seg", "nemhd", "seg_objects")
 #: The head whose instance average is the image score when a model predicts it (else ``seg``).
 IMAGE_TARGET = "seg_objects"
+#: Calibration domain of a z stack scored slice by slice by a 2D model (its errors differ from a 2D image's).
+STACK_DOMAIN = "stack"
 
 
 # ------------------------------------------------------------------------------------ encodings
@@ -679,7 +682,8 @@ class QANetResult:
                 "instances_cut_at_necks": int(self.extra.get("instances_cut_at_necks", 0)),
                 "patches": [{k: num(v) for k, v in row.items()} for row in self.patches],
                 "scale": num(self.scale), "patch_size": int(self.patch_size),
-                "runtime_s": round(float(self.runtime_s), 4)}
+                "runtime_s": round(float(self.runtime_s), 4),
+                **({"interval": self.extra["interval"]} if "interval" in self.extra else {})}
 
 
 # ------------------------------------------------------------------------------------ QC model
@@ -700,6 +704,7 @@ class QANetQC:
         self.net = self.net.to(memory_format=self._memory_format)
         self.batch_size = batch_size or (64 if config.dims == 2 else 8)
         self.card = card or {}
+        self.calibration = Calibration.from_dict(self.card.get("calibration"))
 
     @torch.no_grad()
     def predict_patches(self, images: np.ndarray, tri: np.ndarray) -> np.ndarray:
@@ -781,7 +786,7 @@ class QANetQC:
         if cfg.dims == 2 and image.ndim == 3:
             return self._assess_slices(image, labels, p, overlap, scale, start_time, necks)
         rows, heat, preds, instances = self._assess_grid(image, labels, p, overlap, scale, z_index=None, necks=necks)
-        return self._result(rows, heat, preds, [instances], scale, p, start_time)
+        return self._result(rows, heat, preds, [instances], scale, p, start_time, "in")
 
     def _assess_slices(self, image, labels, p, overlap, scale, start_time, necks) -> QANetResult:
         rows, preds, instances, heat = [], [], [], np.full(image.shape, np.nan, np.float32)
@@ -794,9 +799,9 @@ class QANetQC:
             instances.append(inst)
             heat[z] = h
         pred = np.concatenate(preds) if preds else np.zeros((0, len(self.config.targets)))
-        return self._result(rows, heat, pred, instances, scale, p, start_time)
+        return self._result(rows, heat, pred, instances, scale, p, start_time, STACK_DOMAIN)
 
-    def _result(self, rows, heat, preds, instances, scale, p, start_time) -> QANetResult:
+    def _result(self, rows, heat, preds, instances, scale, p, start_time, domain: str) -> QANetResult:
         """Image scores: the mean over instances of each instance's score (the mean prediction of the
         patches holding it, weighted by its pixels in each), an instance weighing max(1, size /
         typical size) — a merged instance counts as the nuclei it covers, as SEG counts them. Without
@@ -820,13 +825,19 @@ class QANetQC:
             else:
                 scores[target] = float(values.mean())
         headline = scores[IMAGE_TARGET] if IMAGE_TARGET in scores else scores["seg"]
-        return QANetResult(self.name, headline, rows, heat, float(scale), p,
-                           time.perf_counter() - start_time,
-                           extra={"image_scores": scores, "weighting": "instances",
-                                  "image_scores_patch_weighted": patch_weighted,
-                                  "instances_in_pieces": sum(inst[2] for inst in instances),
-                                  "instances_with_holes": sum(inst[3] for inst in instances),
-                                  "instances_cut_at_necks": sum(inst[4] for inst in instances)})
+        # intervals: the image level is calibrated on the headline score (JSON image_score.seg) and the
+        # distances; patch rows on their own heads
+        image_level = {"seg": headline, **{t: scores[t] for t in DISTANCE_TARGETS if t in scores}}
+        interval = annotate_scores(image_level, rows, self.calibration, domain, row_level="patch")
+        scores.update({k: v for k, v in image_level.items() if k.endswith(("_lo", "_hi"))})
+        extra = {"image_scores": scores, "weighting": "instances", "image_scores_patch_weighted": patch_weighted,
+                 "instances_in_pieces": sum(inst[2] for inst in instances),
+                 "instances_with_holes": sum(inst[3] for inst in instances),
+                 "instances_cut_at_necks": sum(inst[4] for inst in instances)}
+        if interval is not None:
+            extra["interval"] = interval
+        return QANetResult(self.name, headline, rows, heat, float(scale), p, time.perf_counter() - start_time,
+                           extra=extra)
 
     def _assess_grid(self, image: np.ndarray, labels: np.ndarray, p: int, overlap: float, scale: float,
                      z_index: int | None, lo_hi: Sequence[float] | None = None, necks: bool = False):
@@ -935,9 +946,13 @@ class QANetQC:
         payload = result.to_json_dict()
         volume = {"seg": result.image_score}
         volume.update({t: result.extra["image_scores"][t] for t in DISTANCE_TARGETS if t in self.config.targets})
+        volume.update({f"{t}{end}": result.extra["image_scores"][f"{t}{end}"] for t in list(volume)
+                       for end in ("_lo", "_hi") if f"{t}{end}" in result.extra["image_scores"]})
+        extra = {"patches": payload["patches"], "scale": payload["scale"]}
+        if "interval" in result.extra:
+            extra["interval"] = result.extra["interval"]
         return QCResult(model=self.name, label=label, volume=volume, slices=[],
-                        threshold=threshold, runtime_s=result.runtime_s,
-                        extra={"patches": payload["patches"], "scale": payload["scale"]})
+                        threshold=threshold, runtime_s=result.runtime_s, extra=extra)
 
 
 # ------------------------------------------------------------------------------------ weights

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..calibration import Calibration, annotate_result
+from ..domain import assess_domain, card_domain
 from ..errors import InputError
 from ..qc import DEFAULT_FLAG_THRESHOLD, QCResult
 from ..volume import Volume
@@ -299,11 +301,14 @@ class SentinelQC:
     """A trained Sentinel network with its text encoder: implements the QC protocol."""
 
     kind = "regressor"
+    domain: dict[str, Any] | None = None  # the card's domain (SegQCLib.domain.card_domain), set by load_model
 
     def __init__(self, name: str, net: SentinelNet, config: SentinelConfig, text_encoder=None,
-                 device: str = "cpu", batch_size: int = 64, trained_structures: Sequence[str] | None = None):
+                 device: str = "cpu", batch_size: int = 64, trained_structures: Sequence[str] | None = None,
+                 calibration=None):
         """``trained_structures``: the structure names the network was trained on (the card's
-        ``trained_structures``); None when unknown (older cards), and then no name is called unseen."""
+        ``trained_structures``); None when unknown (older cards), and then no name is called unseen.
+        ``calibration``: the card's :class:`~SegQCLib.calibration.Calibration` (intervals), or None."""
         self.name = name
         self.config = config
         self.device = torch.device(device)
@@ -311,6 +316,7 @@ class SentinelQC:
         self._text_encoder = text_encoder
         self.batch_size = batch_size
         self.trained_structures = tuple(trained_structures) if trained_structures else None
+        self.calibration = calibration
         self._trained_text: torch.Tensor | None = None
 
     def nearest_trained_structure(self, label: str) -> str | None:
@@ -369,6 +375,7 @@ class SentinelQC:
         start = time.perf_counter()
         if mask.shape != image.shape:
             raise InputError(image.name, f"mask shape {mask.shape} differs from image shape {image.shape}")
+        domain = assess_domain(self.domain, image, label)
         axes, flips = ras_axes(image.grid.direction)
         image_ras = normalise_image(np.ascontiguousarray(to_ras(image.array, axes, flips)), self.config)
         mask_ras = np.ascontiguousarray(to_ras(np.asarray(mask, bool), axes, flips))
@@ -385,10 +392,16 @@ class SentinelQC:
         n = mask_ras.shape[0]
         to_input = (lambda k: n - 1 - k) if flips[0] else (lambda k: k)
         rows = [{"index": int(to_input(k)), "dsc": float(scores[k]), "area_px": int(areas[k])} for k in table_idx]
-        return QCResult.from_slice_scores(self.name, label, {"dsc": volume_dsc}, rows, threshold,
-                                          runtime_s=time.perf_counter() - start,
-                                          extra={"slice_axis": int(axes[0]), "volume_slices": [int(to_input(k)) for k in volume_idx],
-                                                 **self.structure_notes(label)})
+        notes = self.structure_notes(label)
+        result = QCResult.from_slice_scores(self.name, label, {"dsc": volume_dsc}, rows, threshold,
+                                            extra={"slice_axis": int(axes[0]),
+                                                   "volume_slices": [int(to_input(k)) for k in volume_idx], **notes,
+                                                   "domain": domain})
+        # an input outside the domain (e.g. a structure name the model was not trained on) errs far more:
+        # its interval is calibrated apart
+        annotate_result(result, self.calibration, "in" if domain["in"] else "out")
+        result.runtime_s = time.perf_counter() - start
+        return result
 
 
 # --------------------------------------------------------------------------- weights
@@ -428,8 +441,11 @@ def load_model(card_path: str | Path, device: str = "cpu") -> SentinelQC:
     if missing or unexpected:
         raise InputError(weights, f"weights do not fit the card's architecture (missing {missing[:3]}, "
                                   f"unexpected {unexpected[:3]})")
-    return SentinelQC(card.get("name", card_path.stem), net, config, device=device,
-                      trained_structures=card.get("trained_structures"))
+    model = SentinelQC(card.get("name", card_path.stem), net, config, device=device,
+                       trained_structures=card.get("trained_structures"),
+                       calibration=Calibration.from_dict(card.get("calibration")))
+    model.domain = card_domain(card)
+    return model
 
 
 # The public Quality Sentinel release names its layers after torchvision's ResNet inside a wrapper.

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
-from ..models.qanet import (DEFAULT_TARGETS, DISTANCE_TARGETS, QANetConfig, QANetQC, QANetResult, load_model,
-                            save_model)
+from ..models.qanet import (DEFAULT_TARGETS, DISTANCE_TARGETS, STACK_DOMAIN, QANetConfig, QANetQC, QANetResult,
+                            load_model, save_model)
 from .qanet_data import SAMPLES_VERSION, SPLIT_SEEDS, QANetSamples, balance, generate_samples, seg_histogram
 
 #: Default sizes per dimensionality: simulated images per split, balanced training patches, epochs,
@@ -229,6 +229,92 @@ def evaluate_qanet(card: str | Path, data_dir: Path | None = None, device: str =
             else:  # the distances from their own sample set
                 results[split].update({t: report[t] for t in distances})
     return results
+
+
+#: Seed offset of the whole scenes the image-level calibration scores: apart from every training split and
+#: from the scenes of ``benchmarks/qanet_image_level.py`` (offsets up to 80 000).
+CALIBRATION_SCENE_OFFSET = 90_000
+
+
+def calibration_pairs(model: QANetQC, data_dir: Path | None = None, scenes: int | None = None,
+                      progress: bool = True, log=print):
+    """Held-out (predicted, true) pairs of a loaded QANet for its interval calibration.
+
+    ``patch`` level: every head (SEG, distances) on the patches of the held-out simulated test split
+    (the card's :func:`evaluate_qanet` data; a 2D model's stack slices are a split of their own).
+    ``volume`` level: the image score (JSON ``image_score.seg``) and the image distances against the
+    true image SEG / mean MHD95 and ASD (px) on whole simulated test scenes with one perturbed
+    segmentation each (``scenes`` of them, default 150 in 2D and 100 in 3D; z stacks scored slice by
+    slice for a 2D model, 30). All simulated: the card says so; a pair's case is its scene. Pairs of z
+    stacks scored by a 2D model are the domain :data:`~SegQCLib.models.qanet.STACK_DOMAIN`: their patch
+    errors are larger than those of 2D images (cross-fitted 90 % intervals pooled with them cover 81 %
+    of stack patches), so their intervals are calibrated apart."""
+    from ..calibration import Pairs
+    from ..metrics import seg_measure
+    from .qanet_data import perturb_instances, simulate_scene
+    from .qanet_real import _slice_seg, _true_distance
+    from .qanet_train import predict_samples
+
+    from ..progress import progress_bar
+
+    dims = model.config.dims
+    data_dir = Path(data_dir) if data_dir else Path("runs") / "qanet-data"
+    distances = tuple(t for t in model.config.targets if t in DISTANCE_TARGETS)
+    info, distance_info = model.card.get("data", {}), model.card.get("distance_heads", {}).get("data", {})
+    lists = {lvl: {} for lvl in ("patch", "volume")}
+
+    def add(level: str, metric: str, pred, true, split: str, cases, stack: bool) -> None:
+        into = lists[level].setdefault(metric, {k: [] for k in ("pred", "true", "domain", "split", "case", "structure")})
+        pred, true = np.asarray(pred, float).ravel(), np.asarray(true, float).ravel()
+        into["pred"] += pred.tolist()
+        into["true"] += true.tolist()
+        into["domain"] += [STACK_DOMAIN if stack else "in"] * pred.size
+        into["split"] += [split] * pred.size
+        into["case"] += [f"{split}/{c}" for c in cases]
+        into["structure"] += ["nuclei"] * pred.size
+
+    for targets, source in ((DEFAULT_TARGETS, info), (("seg",) + distances, distance_info)):
+        if targets != DEFAULT_TARGETS and not distances:
+            continue
+        for split, key, stacks in (("simulated patches", "images", False), ("simulated stack-slice patches",
+                                                                              "stack_images", True)):
+            n = int(source.get(key, {}).get("test", DEFAULTS[dims]["test"] if key == "images" else 0))
+            if not n:
+                continue
+            samples = sample_set(data_dir, dims, "test", n, model.config.patch, targets, stack_slices=stacks,
+                                 progress=progress, log=log)
+            shown = [t for t in targets if t in model.config.targets] if targets == DEFAULT_TARGETS else list(distances)
+            pred = predict_samples(model.net, samples, model.config.encoding, device=model.device)
+            for t in shown:
+                add("patch", t, pred[:, model.config.targets.index(t)], samples.target[:, samples.targets.index(t)],
+                    split, samples.group.tolist(), stacks)
+
+    n_scenes = int(scenes if scenes is not None else (150 if dims == 2 else 100))
+    kinds = [("simulated images" if dims == 2 else "simulated volumes", False, n_scenes)]
+    if dims == 2:
+        kinds.append(("simulated z stacks", True, max(1, n_scenes // 5)))
+    shape, radius_range = ((192, 192), (5.0, 15.0)) if dims == 2 else ((32, 72, 72), (4.5, 8.5))
+    with progress_bar(disable=not progress) as bar:
+        for split, stack, n in kinds:
+            task = bar.add_task(f"calibration scenes: {split}", total=n)
+            for i in range(n):
+                rng = np.random.default_rng(SPLIT_SEEDS["test"] * 1_000_003 + CALIBRATION_SCENE_OFFSET
+                                            + (50_000 if stack else 0) + i)
+                params, image, gt = simulate_scene(rng, 3 if stack else dims, shape, radius_range, stack=stack)
+                bar.advance(task)
+                if not gt.any():
+                    continue
+                pred, _ = perturb_instances(gt, rng, image, params.radius)
+                if not pred.any():
+                    continue
+                result = model.assess_instances(image, pred)
+                true_seg = _slice_seg(pred, gt)[0] if stack else seg_measure(pred, gt)
+                add("volume", "seg", [result.image_score], [true_seg], split, [i], stack)
+                for t in distances:
+                    value = _true_distance(pred, gt, t, slices=stack)
+                    if np.isfinite(value):
+                        add("volume", t, [result.extra["image_scores"][t]], [value], split, [i], stack)
+    return {lvl: {m: Pairs.from_lists(**d) for m, d in by.items()} for lvl, by in lists.items()}
 
 
 def format_report(results: dict[str, Any]) -> str:
