@@ -976,14 +976,19 @@ class SegQCLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def summary(result) -> str:
-        """One line for the panel: volume DSC, flagged slices."""
+        """For the panel: volume DSC, flagged slices; a second line warns when the input is outside
+        the model's domain (a CT given to a brain MR model, a structure it never saw)."""
+        from SegQCLib.domain import domain_warning
+
         if result is None:
             return ""
         dsc = result.volume.get("dsc", math.nan)
         flagged = result.flagged
         shown = ", ".join(str(k) for k in flagged[:10]) + (", ..." if len(flagged) > 10 else "")
+        warning = domain_warning(result.model, result.extra.get("domain"))
         return (f"{result.label}: volume DSC {dsc:.3f} ({result.model}); {len(flagged)} of {len(result.slices)}"
-                f" slices below {result.threshold:g}" + (f": {shown}" if flagged else ""))
+                f" slices below {result.threshold:g}" + (f": {shown}" if flagged else "")
+                + (f"\n{warning}" if warning else ""))
 
 
 class _Cancelled(Exception):

@@ -418,12 +418,15 @@ DEMO_MODELS = ("nnqc-Brain", "atlas-brain-mr", "sentinel-brain-mr")
 
 
 def _worst_slices_png(image, mask, result: QCResult, truth_mask, axis: int, n: int = 4) -> bytes:
-    """PNG of the ``n`` worst slices of ``result`` with the outlines of the segmentation, the pGT (when the
-    model gives one) and the truth, in the report's colours."""
+    """PNG of the ``n`` worst slices of ``result`` among those where the truth is at least a quarter of its
+    largest slice (the edges, where a stray blob scores 0, show little), with the outlines of the
+    segmentation, the pGT (when the model gives one) and the truth, in the report's colours."""
     from . import report
 
+    area = truth_mask.sum(axis=tuple(i for i in range(3) if i != axis))
+    rows = [r for r in result.worst_slices() if area[r["index"]] >= 0.25 * area.max()] or result.worst_slices()
     views = []
-    for row in sorted(result.worst_slices(n), key=lambda r: r["index"]):
+    for row in sorted(rows[:n], key=lambda r: r["index"]):
         k = row["index"]
         plane = lambda a: np.take(a, k, axis=axis)[::-1]  # noqa: E731  (anterior / superior up in RAS arrays)
         outlines = [(plane(truth_mask), report.REF_COLOUR, report.REF_WIDTH)]

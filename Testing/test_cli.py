@@ -102,10 +102,10 @@ def test_qc_without_an_installed_model_says_so(no_models, files, tmp_path: Path,
     assert not out.exists()
 
 
-def test_demo_shows_truth_when_no_model(no_models, capsys) -> None:
-    assert run_cli("demo", "--dsc-band", "0.5", "0.75") == 0
+def test_demo_shows_truth_when_no_model(no_models, capsys, tmp_path: Path) -> None:
+    assert run_cli("demo", "--dsc-band", "0.5", "0.75", "--png", tmp_path / "demo.png") == 0
     text = capsys.readouterr().out
-    assert "Hippocampus_L" in text and "No QC model is installed yet" in text
+    assert "MNI152 Brain" in text and "No QC model is installed yet" in text
     assert "volume: dsc=0.5" in text or "volume: dsc=0.6" in text or "volume: dsc=0.7" in text
 
 
@@ -123,7 +123,8 @@ def test_qc_with_the_shipped_model_writes_the_json_contract(files, tmp_path: Pat
     mask = read_segmentation(files["pred"]).mask("Hippocampus_R")
     assert [row["index"] for row in data["slices"]] == list(np.flatnonzero(mask.any(axis=(1, 2))))
     assert all(row["flagged"] == (row["dsc"] < 0.8) for row in data["slices"])
-    assert run_cli("qc", files["image"], files["pred"], "--label", "Hippocampus_R", "--pgt", tmp_path / "p.nii.gz") == 2
+    assert run_cli("qc", files["image"], files["pred"], "--label", "Hippocampus_R", "--model", "sentinel-brain-mr",
+                   "--pgt", tmp_path / "p.nii.gz") == 2
 
 
 @pytest.mark.skipif(not SHIPPED.exists(), reason="no shipped Sentinel model")

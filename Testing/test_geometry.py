@@ -101,3 +101,25 @@ def test_atlas_refuses_to_score_when_its_registration_fails_its_check():
     mask[30:60, 30:70, 30:60] = True
     with pytest.raises(InputError, match="could not be registered onto it.*not scored"):
         load_model("atlas-brain-mr", "cpu").assess(noise, mask, "Brain")
+
+
+@pytest.mark.skipif("atlas-brain-mr" not in INSTALLED, reason="atlas-brain-mr needs mricron-data")
+def test_hermes_refines_the_slices_the_model_flags_whatever_the_array_order(brain):
+    """HERMES works along the QC result's slice axis: on a sagittal-stored copy it refines the same
+    anatomical slices as on the original, and the refined mask maps back onto the original's."""
+    from SegQCLib.refine.loop import refine_volume
+    from SegQCLib.refine.segmenters import GrabCutSegmenter
+
+    image, truth, degraded = brain
+    model = load_model("atlas-brain-mr", "cpu")
+    slices = [60, 90, 120]
+    base = refine_volume(image, degraded, "Brain", model, GrabCutSegmenter(), slices=slices, max_iterations=4)
+    copy, (t, d) = regrid.permuted(image, [truth, degraded], (2, 0, 1))
+    moved = refine_volume(copy, d, "Brain", model, GrabCutSegmenter(), slices=slices, max_iterations=4)
+    assert [tr.index for tr in moved.traces] == slices
+    back = np.transpose(moved.mask, np.argsort((2, 0, 1)))  # the copy's array order undone
+    for k in slices:
+        assert dice(back[k], base.mask[k]) > 0.97
+        assert dice(back[k], truth[k]) > dice(degraded[k], truth[k])  # it did refine towards the truth
+    untouched = [k for k in range(image.shape[0]) if k not in slices]
+    np.testing.assert_array_equal(back[untouched], degraded[untouched])

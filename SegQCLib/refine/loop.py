@@ -179,7 +179,8 @@ def refine_volume(image: Volume, mask: np.ndarray | None, label: str, qc_model, 
                   max_iterations: int = DEFAULT_MAX_ITERATIONS, rescore: str = "pgt", seed: int = 0,
                   strategy: str | None = None, progress: Callable[[int, int], None] | None = None,
                   on_iteration: Callable[[SliceTrace], None] | None = None) -> RefineResult:
-    """HERMES on a volume: refine the axial slices (``array[k]``, (y, x)) the QC model flags.
+    """HERMES on a volume: refine the slices the QC model flags, along its ``slice_axis`` (the array axis
+    closest to superior-inferior: ``array[k]`` for an axial acquisition).
 
     Args:
         image: the volume (z, y, x).
@@ -215,34 +216,46 @@ def refine_volume(image: Volume, mask: np.ndarray | None, label: str, qc_model, 
     if result.pgt is None:
         raise InputError(getattr(qc_model, "name", "--model"), "gives no pseudo ground truth: HERMES needs a pGT "
                                                                "model (e.g. atlas-brain-mr or an nnQC model)")
-    pgt = np.asarray(result.pgt, bool)
+    # slices along the QC result's slice axis (the one closest to superior-inferior): views with it first,
+    # so that slice k of every array below is the model's row k, whatever the file's axis order
+    axis = int(result.extra.get("slice_axis", 0))
+
+    def along(array: np.ndarray) -> np.ndarray:
+        return np.moveaxis(array, axis, 0)
+
+    pgt = along(np.asarray(result.pgt, bool))
+    start = along(start_mask)
     if slices is None:
         if mask is None:
             slices = [k for k in range(pgt.shape[0]) if pgt[k].any()]
         elif only_flagged:
             slices = list(result.flagged)
         else:
-            slices = [k for k in range(pgt.shape[0]) if pgt[k].any() or start_mask[k].any()]
-    refined = start_mask.copy()
+            slices = [k for k in range(pgt.shape[0]) if pgt[k].any() or start[k].any()]
+    refined_volume = start_mask.copy()
+    refined = along(refined_volume)  # a view: writing slice k writes the volume
+    planes = along(image.array)
     traces = []
     rng = np.random.default_rng(seed)
     for done, k in enumerate(slices, start=1):
         if rescore == "model":
             def score_fn(candidate: np.ndarray, k: int = k) -> tuple[float, np.ndarray]:
-                trial = refined.copy()
-                trial[k] = candidate
+                trial = refined_volume.copy()
+                along(trial)[k] = candidate
                 rescored = qc_model.assess(image, trial, label, threshold=threshold, all_slices=True)
                 row = next((r for r in rescored.slices if r["index"] == k), None)
-                value = row["dsc"] if row is not None and not math.isnan(row["dsc"]) else _pseudo_dsc(candidate, rescored.pgt[k])
-                return float(value), np.asarray(rescored.pgt[k], bool)
+                plane = along(np.asarray(rescored.pgt, bool))[k]
+                value = row["dsc"] if row is not None and not math.isnan(row["dsc"]) else _pseudo_dsc(candidate, plane)
+                return float(value), plane
         else:
             def score_fn(candidate: np.ndarray, k: int = k) -> tuple[float, np.ndarray]:
                 return _pseudo_dsc(candidate, pgt[k]), pgt[k]
-        trace = refine_slice(image.array[k], score_fn, segmenter, threshold=threshold, patience=patience,
-                             max_iterations=max_iterations, initial_mask=None if mask is None else start_mask[k],
+        trace = refine_slice(np.ascontiguousarray(planes[k]), score_fn, segmenter, threshold=threshold,
+                             patience=patience, max_iterations=max_iterations,
+                             initial_mask=None if mask is None else np.ascontiguousarray(start[k]),
                              strategy=strategy, rng=rng, index=int(k), on_iteration=on_iteration)
         refined[k] = trace.best_mask
         traces.append(trace)
         if progress:
             progress(done, len(slices))
-    return RefineResult(refined, traces, result, threshold)
+    return RefineResult(refined_volume, traces, result, threshold)
