@@ -376,18 +376,27 @@ def ct_window(array: np.ndarray, level: float, width: float) -> np.ndarray:
     return ((np.clip(np.asarray(array, dtype=np.float32), lo, lo + width) - lo) / width).astype(np.float32)
 
 
+def foreground_percentiles(image: np.ndarray, percentiles: Sequence[float], max_samples: int | None = None) -> list[float]:
+    """Percentiles of an MR-like image's voxels above its minimum (the background, 0 in most files but
+    the scanner's offset in others), all voxels when none is above: so that any scale and offset of the
+    raw units (x 7.3 + 100) give the same normalised image. ``max_samples``: a regular subsample."""
+    array = np.asarray(image)
+    values = array[array > array.min()] if array.size else array.ravel()
+    values = values if values.size else array.ravel()
+    if max_samples:
+        values = values[:: max(1, values.size // max_samples)]
+    return [float(v) for v in np.percentile(values, list(percentiles))]
+
+
 def intensity_parameters(image: np.ndarray, fp: Fingerprint) -> tuple[float, float, float, float]:
     """(clip_lo, clip_hi, shift, scale) so that ``(clip(x, lo, hi) - shift) / scale`` normalises.
 
     CT: the fingerprint's foreground [p0.5, p99.5], mean and std (z-score). MR/other: the image's
-    own [p0.5, p99.5] of nonzero voxels (all voxels if none is nonzero), scaled to [0, 1].
+    own [p0.5, p99.5] of the voxels above its background (:func:`foreground_percentiles`), scaled to [0, 1].
     """
     if fp.modality.upper() == "CT":
         return fp.intensity_p0_5, fp.intensity_p99_5, fp.intensity_mean, max(fp.intensity_std, 1e-8)
-    values = image[image != 0]
-    if values.size == 0:
-        values = image.ravel()
-    lo, hi = (float(v) for v in np.percentile(values, PERCENTILES))
+    lo, hi = foreground_percentiles(image, PERCENTILES)
     return lo, hi, lo, max(hi - lo, 1e-8)
 
 

@@ -169,6 +169,7 @@ def test_demo_prints_r_and_writes_the_worst_slices_png(tmp_path, capsys, monkeyp
     assert run("demo", "--device", "cpu", "--png", png) == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "nnqc-Brain on MNI152 Brain" in text and "Pearson r = 0.9" in text
+    assert "pred dsc" in text and "true dsc" in text and "truth: dsc=0." in text  # the per-slice table, truth beside
     assert f"worst slices (red: segmentation, green: pGT, yellow: truth): {png}" in text
     rgb = imread(png)[..., :3]
     for colour in ((1, 0, 0), (0, 1, 0), (1, 1, 0)):  # the three outlines (report colours)

@@ -123,3 +123,31 @@ def test_hermes_refines_the_slices_the_model_flags_whatever_the_array_order(brai
         assert dice(back[k], truth[k]) > dice(degraded[k], truth[k])  # it did refine towards the truth
     untouched = [k for k in range(image.shape[0]) if k not in slices]
     np.testing.assert_array_equal(back[untouched], degraded[untouched])
+
+
+def _intensity_copies(image):
+    return [("x 7.3 + 100", regrid.rescaled(image), 1e-4),
+            ("12-bit integers", regrid.rescaled(image, 4095.0 / float(image.array.max()), 0.0, np.uint16), 2e-3),
+            ("bias field", regrid.bias_field(image), 0.03),
+            ("Rician noise", regrid.rician_noise(image), 0.03),
+            ("gamma 0.7", regrid.gamma_contrast(image), 0.03)]
+
+
+@pytest.mark.skipif("sentinel-brain-mr" not in INSTALLED, reason="no shipped Sentinel model")
+def test_sentinel_reads_any_scanners_units_the_same(brain):
+    """Scale and offset of the raw units change nothing (the normalisation ignores the background's value,
+    not just zeros); bias, noise and a contrast change stay within the stated 0.03."""
+    image, truth, degraded = brain
+    model = load_model("sentinel-brain-mr", "cpu")
+    base = model.assess(image, degraded, "Brain").volume["dsc"]
+    for name, copy, tolerance in _intensity_copies(image):
+        assert model.assess(copy, degraded, "Brain").volume["dsc"] == pytest.approx(base, abs=tolerance), name
+
+
+@pytest.mark.skipif("atlas-brain-mr" not in INSTALLED, reason="atlas-brain-mr needs mricron-data")
+def test_atlas_pgt_reads_any_scanners_units_the_same(brain):
+    image, truth, _ = brain
+    model = load_model("atlas-brain-mr", "cpu")
+    base = dice(model.pseudo_ground_truth(image, "Brain"), truth)
+    for name, copy, tolerance in _intensity_copies(image)[::2]:  # units, bias field, gamma: a registration each
+        assert abs(dice(model.pseudo_ground_truth(copy, "Brain"), truth) - base) <= max(tolerance, 0.01), name

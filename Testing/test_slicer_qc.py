@@ -206,3 +206,27 @@ def test_hermes_refine_adds_a_refined_segment_shows_prompts_and_leaves_the_origi
         point = [0.0, 0.0, 0.0]
         positive.GetNthControlPointPositionWorld(i, point)
         assert abs(point[2] - ras_slice[2]) < 1e-6
+
+
+def test_an_empty_segment_is_scored_and_a_ct_gets_the_domain_warning(mni_case, logic, scene, slicer_env, tmp_path):
+    """An empty segment (a segmenter that found nothing) is scored, not refused: 0 against the atlas pGT
+    on the pGT's slices. A CT given to the brain MR model: the panel's summary warns on a second line."""
+    from SegQCLib.data.phantom import ct_phantom
+
+    slicer = slicer_env
+    volumeNode, node, _, _, _ = mni_case
+    emptyId = add_segment(slicer, node, "Brain", np.zeros(volumeNode.GetImageData().GetDimensions()[::-1], bool),
+                          volumeNode)
+    table = logic.assessSegment(volumeNode, node, emptyId, "atlas-brain-mr", device="cpu")
+    result = logic.lastResult
+    assert result.volume["dsc"] < 0.05 and result.extra["domain"]["in"] is True
+    assert list(table_column(table, "slice").astype(int)) == list(np.flatnonzero(result.pgt.any(axis=(1, 2))))
+    assert np.all(table_column(table, "dsc") == 0.0) and "warning" not in logic.summary(result)
+    ct, organs = ct_phantom(0)
+    write_volume(ct, tmp_path / "ct.nii.gz")
+    ctNode = load_volume(slicer, tmp_path / "ct.nii.gz", "CT")
+    ctSeg = new_segmentation(scene, "organs", ctNode)
+    liverId = add_segment(slicer, ctSeg, "Brain", organs.mask("liver"), ctNode)
+    logic.assessSegment(ctNode, ctSeg, liverId, "sentinel-brain-mr", device="cpu")
+    lines = logic.summary(logic.lastResult).splitlines()
+    assert len(lines) == 2 and lines[1].startswith("warning: outside sentinel-brain-mr's domain: image looks like a CT")

@@ -9,7 +9,10 @@ and its masks (bool (z, y, x) arrays on the image grid) and returns the copy's i
 - :func:`resampled`: a new grid (spacing in mm, a rotation of the axes, e.g. an oblique acquisition),
   image linearly and masks nearest-neighbour interpolated (SimpleITK);
 - :func:`cropped`: a smaller field of view (the head cut at the vertex or the cerebellum);
-- :func:`shifted`: another origin (the whole scene moved in the scanner).
+- :func:`shifted`: another origin (the whole scene moved in the scanner);
+
+and what another scanner does to intensities: :func:`rescaled` (raw units x 7.3 + 100, 12-bit integers),
+:func:`bias_field`, :func:`rician_noise`, :func:`gamma_contrast`.
 """
 from __future__ import annotations
 
@@ -121,4 +124,40 @@ def shifted(image: Volume, masks: Sequence[np.ndarray], offset_mm: Sequence[floa
     return _with_grid(image, image.array, grid), [m.copy() for m in masks]
 
 
-__all__ = ["permuted", "flipped", "resampled", "cropped", "shifted", "rotation_matrix"]
+# --------------------------------------------------------------------------- intensities
+def rescaled(image: Volume, scale: float = 7.3, offset: float = 100.0, dtype=np.float32) -> Volume:
+    """Raw units of another scanner: ``image * scale + offset`` in ``dtype`` (an integer dtype rounds,
+    e.g. 12-bit data stored as uint16)."""
+    array = image.array.astype(np.float64) * scale + offset
+    if np.issubdtype(np.dtype(dtype), np.integer):
+        array = np.round(array)
+    return image.with_array(array.astype(dtype))
+
+
+def bias_field(image: Volume, strength: float = 0.3, seed: int = 0) -> Volume:
+    """A smooth multiplicative bias field (coil inhomogeneity): exp of a random linear + quadratic
+    function of position, spanning about ``strength`` (log units) across the field of view."""
+    rng = np.random.default_rng(seed)
+    grids = np.meshgrid(*(np.linspace(-1.0, 1.0, n) for n in image.shape), indexing="ij")
+    field = sum(rng.normal() * g + 0.5 * rng.normal() * g ** 2 for g in grids)
+    field = field / max(float(np.ptp(field)), 1e-9) * strength
+    return image.with_array((image.array * np.exp(field)).astype(np.float32))
+
+
+def rician_noise(image: Volume, sigma_fraction: float = 0.03, seed: int = 0) -> Volume:
+    """Rician noise (magnitude of complex Gaussian noise) of standard deviation ``sigma_fraction`` of the
+    image's 99th percentile, as magnitude MR images carry."""
+    rng = np.random.default_rng(seed)
+    sigma = sigma_fraction * float(np.percentile(image.array, 99))
+    real = image.array + rng.normal(0.0, sigma, image.shape)
+    imaginary = rng.normal(0.0, sigma, image.shape)
+    return image.with_array(np.hypot(real, imaginary).astype(np.float32))
+
+
+def gamma_contrast(image: Volume, gamma: float = 0.7) -> Volume:
+    """A gamma change of contrast, ``(x - min) ** gamma`` (another sequence's grey-white contrast)."""
+    return image.with_array(((image.array - image.array.min()) ** gamma).astype(np.float32))
+
+
+__all__ = ["permuted", "flipped", "resampled", "cropped", "shifted", "rotation_matrix", "rescaled", "bias_field",
+           "rician_noise", "gamma_contrast"]

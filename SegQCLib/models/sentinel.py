@@ -219,17 +219,15 @@ class SentinelNet(nn.Module):
 # --------------------------------------------------------------------------- inputs
 def normalise_image(array: np.ndarray, config: SentinelConfig) -> np.ndarray:
     """Intensities to [0, 1]: CT clipped to ``config.ct_window`` (HU); MR and others scaled by the
-    volume's own [p0.5, p99.5] of nonzero voxels. float32, same shape."""
-    from ..fingerprint import ct_window
+    volume's own [p0.5, p99.5] of the voxels above its background (any scale and offset of the raw
+    units give the same result, :func:`~SegQCLib.fingerprint.foreground_percentiles`). float32, same shape."""
+    from ..fingerprint import ct_window, foreground_percentiles
 
     array = np.asarray(array, dtype=np.float32)
     if config.modality.upper() == "CT":
         lo, hi = config.ct_window
         return ct_window(array, (lo + hi) / 2.0, hi - lo)
-    else:
-        values = array[array != 0]
-        values = values if values.size else array.ravel()
-        lo, hi = (float(v) for v in np.percentile(values[:: max(1, values.size // 200_000)], (0.5, 99.5)))
+    lo, hi = foreground_percentiles(array, (0.5, 99.5), max_samples=200_000)
     return np.clip((array - lo) / max(hi - lo, 1e-6), 0.0, 1.0).astype(np.float32)
 
 
