@@ -336,6 +336,7 @@ class SegQCLogic:
                 node.CreateDefaultDisplayNodes()
                 node.GetDisplayNode().SetSelectedColor(*color)
                 node.GetDisplayNode().SetColor(*color)
+                node.GetDisplayNode().SetPointLabelsVisibility(False)  # labels of 20 clicks hide the slice
             nodes[key] = node
         return nodes
 

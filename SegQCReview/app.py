@@ -400,6 +400,8 @@ class ReviewApp:
         if node is None or not self.scene.IsNodePresent(node):
             return
         display, segmentation = node.GetDisplayNode(), node.GetSegmentation()
+        display.SetSliceIntersectionThickness(3)  # px: a 1 px outline drowns in the streamed JPEG
+        display.SetOpacity2DOutline(1.0)
         shown = {"pGT": self.state.qc_show_pgt, "FP": self.state.qc_show_fp, "FN": self.state.qc_show_fn}
         for name in PGT_SEGMENTS:
             segmentId = segmentation.GetSegmentIdBySegmentName(name)
@@ -417,14 +419,18 @@ class ReviewApp:
         if self.volumeNode is None:
             return
         r, a, s = self.logic.sliceRAS(self.volumeNode, int(sliceIndex))
-        axialOffset = None
+        axial = {"slice": int(sliceIndex), "offset": None, "target": round(s, 3)}
         for view in self.slicer_app.view_manager.get_slice_views():
             sliceNode = view.get_view_node()
             sliceNode.JumpSliceByCentering(r, a, s)
             if sliceNode.GetOrientation() == "Axial":
-                axialOffset = round(float(sliceNode.GetSliceOffset()), 3)
+                axial["offset"] = round(float(sliceNode.GetSliceOffset()), 3)
+                # where a RAS point lands in the view: XY (px, origin bottom-left) = inverse(XYToRAS) @ RAS
+                matrix = sliceNode.GetXYToRAS()
+                axial["xy_to_ras"] = [[matrix.GetElement(i, j) for j in range(4)] for i in range(4)]
+                axial["dims"] = list(sliceNode.GetDimensions())[:2]
         self._render()
-        self._set(qc_axial={"slice": int(sliceIndex), "offset": axialOffset, "target": round(s, 3)})
+        self._set(qc_axial=axial)
 
     # ------------------------------------------------------------------ refine
     def refine(self):
@@ -528,7 +534,7 @@ class ReviewApp:
         elif what == "segmentation":
             _volumeNode, node, _segmentId = self._selected()
             path = fresh(node.GetName().replace(" ", "_"), ".seg.nrrd")
-            self.slicer_app.io_manager.write_segmentation(node, str(path))
+            self._write_seg_nrrd(node, path)
         elif what == "table":
             if not self.state.qc_rows:
                 raise InputError("QC table", "run QC first")
@@ -542,6 +548,22 @@ class ReviewApp:
         else:
             raise InputError(what, "unknown thing to save")
         self._set(qc_saved=[*self.state.qc_saved, str(path)], qc_info=f"saved {path}")
+
+    @staticmethod
+    def _write_seg_nrrd(node, path: Path) -> None:
+        """A Slicer ``.seg.nrrd`` (segment names, colours and overlapping layers kept), written to a
+        temporary name and renamed into place."""
+        import slicer
+
+        from SegQCLib.errors import InputError
+
+        partial = path.with_name(f".{path.name}.partial.seg.nrrd")
+        storage = slicer.vtkMRMLSegmentationStorageNode()
+        storage.SetFileName(str(partial))
+        if not storage.WriteData(node):
+            partial.unlink(missing_ok=True)
+            raise InputError(path, "the segmentation could not be written")
+        os.replace(partial, path)
 
     # ------------------------------------------------------------------ uploads
     def upload(self, files, kind: str):

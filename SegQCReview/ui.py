@@ -86,7 +86,7 @@ def _qc_tab():
 
 def _refine_tab():
     html.Div("HERMES moves a segmenter's prompts from the pGT; the result is a new segment "
-             "'<name> refined', the original is never changed.", classes="text-caption mb-2")
+             "'&lt;name&gt; refined', the original is never changed.", classes="text-caption mb-2")
     with html.Div(classes="d-flex"):
         v.VSelect(label="Segmenter", items=("qc_segmenters",), v_model=("qc_segmenter",), density="compact",
                   hide_details=True, classes="mr-2", id="qc-segmenter")
