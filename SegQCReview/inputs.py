@@ -15,7 +15,7 @@ import numpy as np
 #: Colin27 structures of the demo: (AAL name, DSC band of its degradation (one of SegQCLib.degrade.DSC_BANDS), seed). The first is the
 #: one under review; the others give the batch table a spread of good and bad segmentations.
 DEMO_STRUCTURES = (("Hippocampus_L", (0.5, 0.75), 0), ("Hippocampus_R", (0.75, 0.95), 1),
-                   ("Amygdala_L", (0.25, 0.5), 2), ("Thalamus_L", (0.75, 0.95), 3))
+                   ("Amygdala_L", (0.25, 0.5), 2), ("Thalamus_L", (0.75, 0.95), 3), ("Brain", (0.75, 0.95), 4))
 
 
 @dataclass
@@ -57,9 +57,11 @@ def demo_case():
     from SegQCLib.degrade import degrade_to_band
 
     subject = colin27("aal")
+    brain = colin27("brain").segmentation  # for the one-structure models (nnqc-Brain)
     masks = {}
     for structure, band, seed in DEMO_STRUCTURES:
-        truth = subject.segmentation.mask(structure)
+        source = brain if structure == "Brain" else subject.segmentation
+        truth = source.mask(structure)
         masks[structure] = degrade_to_band(truth.astype(np.uint8), band, seed=seed)[0] > 0
     return subject.image.name, CheckedSegmentation("demo", "Colin27 degraded", masks)
 
