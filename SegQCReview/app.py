@@ -61,6 +61,7 @@ class ReviewApp:
 
         self.server = server or get_server(None, client_type="vue3")
         self.state, self.ctrl = self.server.state, self.server.controller
+        env.block_triton()  # before the first render loads Mesa's LLVM
         self.slicer_app = SlicerApp()
         self._logics = env.attach(self.slicer_app)  # slicer.util and the Logic on this app's scene
         register_rca_factories(self.slicer_app.view_manager, self.server)

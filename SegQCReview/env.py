@@ -18,6 +18,19 @@ _EXTRA_LOGICS = (("Units", "vtkSlicerUnitsLogic"), ("Tables", "vtkSlicerTablesLo
                  ("Plots", "vtkSlicerPlotsLogic"), ("Transforms", "vtkSlicerTransformLogic"))
 
 
+def block_triton() -> None:
+    """Make ``import triton`` fail (ImportError) in this process, unless it is loaded already.
+
+    Offscreen rendering runs on Mesa's llvmpipe, which loads its LLVM into the process; Triton's
+    native module carries another LLVM, and loading it afterwards crashes the process
+    (segmentation fault, seen when a QC model imports torchvision -> torch._dynamo -> triton).
+    The review never compiles kernels, and torch treats a failed import as "no Triton".
+    """
+    import sys
+
+    sys.modules.setdefault("triton", None)
+
+
 def attach(slicer_app) -> types.SimpleNamespace:
     """Point ``slicer.mrmlScene``, ``slicer.modules.<name>.logic()`` and ``slicer.app`` at
     ``slicer_app`` (a ``trame_slicer.core.SlicerApp``). Returns the logics (kept alive here)."""
