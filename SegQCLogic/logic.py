@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import threading
 import time
 
 import numpy as np
@@ -58,6 +59,8 @@ class SegQCLogic:
         self.lastChartNode = None
         self.lastPseudoGroundTruthNode = None
         self.lastRefineResult = None
+        self._models = {}  # (name, device) -> loaded QC model, kept between runs
+        self._modelsLock = threading.Lock()
 
     # ------------------------------------------------------------------ geometry and arrays
     @staticmethod
@@ -162,6 +165,32 @@ class SegQCLogic:
 
         return [entry.name for entry in qc.available_models()]
 
+    def loadModel(self, modelName: str, device: str = "auto"):
+        """The QC model ``modelName`` on ``device``, loaded once per Logic and kept: a second Run
+        does not read the weights again (seconds for the text-conditioned models). Thread-safe: a
+        job's worker thread and a preload (:meth:`preloadModel`) wait for one another."""
+        from SegQCLib import qc
+
+        key = (modelName, qc.resolve_device(device))
+        with self._modelsLock:
+            if key not in self._models:
+                self._models[key] = qc.load_model(modelName, key[1])
+            return self._models[key]
+
+    def preloadModel(self, modelName: str, device: str = "auto") -> threading.Thread:
+        """Load ``modelName`` in a background thread (e.g. when a panel opens), so the first Run is
+        fast; errors are left for the Run to report. Returns the thread."""
+
+        def load():
+            try:
+                self.loadModel(modelName, device)
+            except Exception:  # the user's Run shows the error where it can be acted on
+                pass
+
+        thread = threading.Thread(target=load, name=f"SegQC: preload {modelName}", daemon=True)
+        thread.start()
+        return thread
+
     @staticmethod
     def device(forceCpu: bool = False) -> str:
         """``"cpu"`` or ``"cuda"``: CUDA when a GPU is usable and ``forceCpu`` is off."""
@@ -233,11 +262,9 @@ class SegQCLogic:
         label = segmentationNode.GetSegmentation().GetSegment(segmentId).GetName()
 
         def compute(job):
-            from SegQCLib import qc
-
             start = time.perf_counter()
             job.progress(0.0, _("Loading model"))
-            model = qc.load_model(modelName, device)
+            model = self.loadModel(modelName, device)
             job.progress(0.2, _("Scoring"))
             result = model.assess(image, mask, label, threshold=threshold)
             if not result.runtime_s:
@@ -396,11 +423,10 @@ class SegQCLogic:
         chosen = list(slices) if slices is not None else None
 
         def compute(job):
-            from SegQCLib import qc
             from SegQCLib.refine import refine_volume, segmenter_from_name
 
             job.progress(0.0, _("Loading models"))
-            model = qc.load_model(modelName, device)
+            model = self.loadModel(modelName, device)
             segmenter = segmenter_from_name(segmenterName, checkpoint, device)
             state = {"fraction": 0.1}
 
@@ -537,9 +563,7 @@ class SegQCLogic:
             return cache["image"], self.segmentMask(node, case["segmentID"], volumeNode)
 
         def compute(job):
-            from SegQCLib import qc
-
-            model = qc.load_model(modelName, device)
+            model = self.loadModel(modelName, device)
             rows = []
             for done, case in enumerate(cases):
                 if job.cancelled:

@@ -346,6 +346,11 @@ class ReviewApp:
             self._job.cancel()
             self._set(qc_progress_text="Cancelling...")
 
+    def preload(self):
+        """Load the selected model in the background, so that Run QC does not wait for its weights."""
+        if self.state.qc_model:
+            self.logic.preloadModel(self.state.qc_model, self.state.qc_device)
+
     # ------------------------------------------------------------------ Run QC
     def run_qc(self):
         volumeNode, node, segmentId = self._selected()
@@ -607,6 +612,7 @@ class ReviewApp:
         self.server.trigger("qc_batch_row")(self._guarded("Batch", lambda i: self.select_batch_row(int(i))))
         self.server.trigger("qc_upload")(self._guarded("Upload", lambda files, kind: self.upload(files, kind)))
         self.state.change("qc_segmentation")(lambda **_: self._refresh_segments())
+        self.state.change("qc_model", "qc_device")(lambda **_: self.preload())
         self.server.trigger("qc_run")(self._guarded("Run QC", self.run_qc))
         self.server.trigger("qc_refine")(self._guarded("Refine", self.refine))
         self.server.trigger("qc_batch")(self._guarded("Batch", self.batch))

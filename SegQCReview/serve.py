@@ -54,6 +54,8 @@ def serve(inputs: list[str], *, demo: bool = False, model: str | None = None, de
     elif kind == "image":
         app.open_image(inputs[0], inputs[1:])
 
+    app.preload()  # the model's weights load while the browser connects
+
     def ready(**_):
         url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{app.server.port}/"
         echo(f"SegQC Review: {url}", flush=True)
