@@ -106,7 +106,7 @@ class ReviewApp:
         s.qc_segmentations, s.qc_segmentation = [], None
         s.qc_segments, s.qc_segment = [], None
         s.qc_rows, s.qc_columns, s.qc_summary = [], [], ""
-        s.qc_plot = {"points": [], "line": "", "threshold_y": 0, "xticks": []}
+        s.qc_plot = {"points": [], "line": "", "threshold_y": 0, "xticks": [], "r": 3.5}
         s.qc_axial = {"slice": None, "offset": None}
         s.qc_has_pgt = False
         s.qc_show_pgt, s.qc_show_fp, s.qc_show_fn = True, True, True
@@ -117,6 +117,7 @@ class ReviewApp:
         s.qc_scene = ""
         s.qc_tab = "qc"
         s.qc_runs = 0  # finished Run QC count: tests wait on it
+        s.qc_timing = {}  # last Run QC: seconds from the click's arrival to the result shown, and in the model
 
     def _set(self, **values):
         """Set state values and push them to the browser now (also from asyncio tasks)."""
@@ -181,7 +182,7 @@ class ReviewApp:
     def _clear_results(self):
         self.tableNode, self.pgtNode, self.refinedId, self.refinedOf = None, None, None, None
         self._set(qc_rows=[], qc_columns=[], qc_summary="", qc_has_pgt=False, qc_refine_rows=[], qc_prompt="",
-                  qc_plot={"points": [], "line": "", "threshold_y": 0, "xticks": []}, qc_refined_name="")
+                  qc_plot={"points": [], "line": "", "threshold_y": 0, "xticks": [], "r": 3.5}, qc_refined_name="")
 
     def _add_segmentation(self, checked: CheckedSegmentation, volumeNode):
         """A new segmentation node from checked masks (on ``volumeNode``'s grid)."""
@@ -385,20 +386,24 @@ class ReviewApp:
         self._apply_overlay_visibility()
         if rows:
             self.jump(rows[0]["slice"])  # the worst slice
-        self._set(qc_runs=self.state.qc_runs + 1,
-                  qc_info=f"QC shown in {time.perf_counter() - self._t_run:.2f} s")
+        shown = time.perf_counter() - self._t_run
+        model = float(result.runtime_s or 0.0)
+        self._set(qc_runs=self.state.qc_runs + 1, qc_timing={"shown_s": round(shown, 3), "model_s": round(model, 3)},
+                  qc_info=f"QC shown in {shown:.2f} s (model {model:.2f} s)")
 
     @staticmethod
     def _plot(rows, threshold: float) -> dict:
         """SVG coordinates of the pseudo-DSC per slice (x: slice, y: 0..1) and the threshold line."""
         scored = sorted((r["slice"], r["dsc"], r["flagged"]) for r in rows if r.get("dsc") is not None)
         if not scored:
-            return {"points": [], "line": "", "threshold_y": 0, "xticks": []}
+            return {"points": [], "line": "", "threshold_y": 0, "xticks": [], "r": 3.5}
         k0, k1 = scored[0][0], max(scored[-1][0], scored[0][0] + 1)
         x = lambda k: PLOT_PAD + (PLOT_W - 2 * PLOT_PAD) * (k - k0) / (k1 - k0)  # noqa: E731
         y = lambda v: PLOT_H - PLOT_PAD - (PLOT_H - 2 * PLOT_PAD) * max(0.0, min(1.0, v))  # noqa: E731
-        points = [{"slice": k, "x": round(x(k), 1), "y": round(y(v), 1), "flagged": f, "dsc": v} for k, v, f in scored]
+        points = [{"slice": k, "x": round(x(k), 2), "y": round(y(v), 2), "flagged": f, "dsc": v} for k, v, f in scored]
+        step = (PLOT_W - 2 * PLOT_PAD) / max(k1 - k0, 1)  # px between neighbouring slices
         return {"points": points, "line": " ".join(f"{p['x']},{p['y']}" for p in points),
+                "r": round(max(0.8, min(3.5, 0.45 * step)), 2),  # dots never overlap: each stays clickable
                 "threshold_y": round(y(threshold), 1), "xticks": [{"x": round(x(k), 1), "k": k} for k in (k0, k1)]}
 
     def _apply_overlay_visibility(self):

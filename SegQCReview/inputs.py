@@ -12,10 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
-#: Colin27 structures of the demo: (AAL name, DSC band of its degradation (one of SegQCLib.degrade.DSC_BANDS), seed). The first is the
-#: one under review; the others give the batch table a spread of good and bad segmentations.
-DEMO_STRUCTURES = (("Hippocampus_L", (0.5, 0.75), 0), ("Hippocampus_R", (0.75, 0.95), 1),
-                   ("Amygdala_L", (0.25, 0.5), 2), ("Thalamus_L", (0.75, 0.95), 3), ("Brain", (0.75, 0.95), 4))
+#: Colin27 structures of the demo: (name, DSC band of its degradation (one of SegQCLib.degrade.DSC_BANDS),
+#: seed). The first is the one selected at start: "Brain" (Colin27's ch2bet mask), the structure the pGT
+#: models can score on Colin27 without using Colin27's own labels (atlas-brain-mr takes MNI152's brain,
+#: nnqc-Brain is trained for it). The AAL structures are for sentinel-brain-mr (any named structure)
+#: and give the batch table a spread of good and bad segmentations.
+DEMO_STRUCTURES = (("Brain", (0.5, 0.75), 4), ("Hippocampus_L", (0.5, 0.75), 0), ("Hippocampus_R", (0.75, 0.95), 1),
+                   ("Amygdala_L", (0.25, 0.5), 2), ("Thalamus_L", (0.75, 0.95), 3))
 
 
 @dataclass
@@ -63,7 +66,10 @@ def demo_case():
         source = brain if structure == "Brain" else subject.segmentation
         truth = source.mask(structure)
         masks[structure] = degrade_to_band(truth.astype(np.uint8), band, seed=seed)[0] > 0
-    return subject.image.name, CheckedSegmentation("demo", "Colin27 degraded", masks)
+    # fixed colours, none green: green is the pGT outline's
+    colors = {"Brain": (0.95, 0.85, 0.3), "Hippocampus_L": (0.8, 0.3, 0.8), "Hippocampus_R": (0.3, 0.5, 0.9),
+              "Amygdala_L": (0.9, 0.4, 0.3), "Thalamus_L": (0.6, 0.4, 0.9)}
+    return subject.image.name, CheckedSegmentation("demo", "Colin27 degraded", masks, colors)
 
 
 @dataclass

@@ -40,7 +40,7 @@ def _plot():
             _svg("polyline", properties=("points", "fill", "stroke", "stroke-width"), points=("qc_plot.line",),
                  fill="none", stroke="#42a5f5", stroke_width="1.5")
             _svg("circle", properties=("cx", "cy", "r", "fill"), v_for="p in qc_plot.points", key="p.slice",
-                 cx=("p.x",), cy=("p.y",), r="3.5", fill=("p.flagged ? '#e53935' : '#42a5f5'",),
+                 cx=("p.x",), cy=("p.y",), r=("qc_plot.r",), fill=("p.flagged ? '#e53935' : '#42a5f5'",),
                  click="trigger('qc_jump', [p.slice])", style="cursor: pointer;", classes="qc-plot-point",
                  raw_attrs=[':data-slice="p.slice"'])
             _svg("text", "{{ t.k }}", properties=("x", "y", "fill", "font-size"), v_for="t in qc_plot.xticks",

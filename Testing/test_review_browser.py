@@ -1,5 +1,6 @@
 """SegQC Review in a real browser: `segqc review --demo` served on 127.0.0.1, Debian's chromium driven
-by Playwright, headless. Colin27 with a degraded left hippocampus; the pGT model ``atlas-brain-mr``.
+by Playwright, headless. Colin27 with a degraded brain mask; the pGT model ``atlas-brain-mr``
+(MNI152's brain registered onto it).
 
 What the browser shows is checked against the project's own computations, never against itself:
 the table against :class:`SegQCLogic.SegQCLogic` run here on the same files, the slice offset
@@ -29,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 SCREENSHOTS = ROOT / "Resources" / "Screenshots"
 MODEL = "atlas-brain-mr"
-STRUCTURE = "Hippocampus_L"
+STRUCTURE = "Brain"  # the demo's first segment; atlas-brain-mr scores it from MNI152's brain
 PGT_RGB = (0.1, 0.9, 0.2)  # the Logic's pGT colour (SegQCLogic.pseudoGroundTruthToSegmentation)
 
 pytestmark = [
@@ -60,12 +61,11 @@ def out_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("review-out")
 
 
-@pytest.fixture(scope="module")
-def server(demo_available, out_dir):
-    """``segqc review --demo`` on a free port of 127.0.0.1: (url, process)."""
+def start_review(args: list[str], out_dir: Path):
+    """``segqc review ARGS --port 0 --out OUT_DIR`` on 127.0.0.1: (url, process); fails with its log."""
     env = {**os.environ, "VTK_DEFAULT_OPENGL_WINDOW": "vtkEGLRenderWindow", "PYTHONUNBUFFERED": "1"}
     log = (out_dir / "server.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "SegQCLib.cli", "review", "--demo", "--model", MODEL, "--port", "0",
+    proc = subprocess.Popen([sys.executable, "-m", "SegQCLib.cli", "review", *args, "--port", "0",
                              "--out", str(out_dir)], stdout=subprocess.PIPE, stderr=log, text=True, env=env, cwd=out_dir)
     url, deadline = None, time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -78,17 +78,27 @@ def server(demo_available, out_dir):
         if match:
             url = match.group(1)
             break
+    log.close()
     if url is None:
         proc.kill()
-        log.close()
         pytest.fail(f"the review server did not start:\n{(out_dir / 'server.log').read_text()[-3000:]}")
-    yield url, proc
+    return url, proc
+
+
+def stop_review(proc) -> None:
     proc.terminate()
     try:
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         proc.kill()
-    log.close()
+
+
+@pytest.fixture(scope="module")
+def server(demo_available, out_dir):
+    """``segqc review --demo`` on a free port of 127.0.0.1: (url, process)."""
+    url, proc = start_review(["--demo", "--model", MODEL], out_dir)
+    yield url, proc
+    stop_review(proc)
 
 
 @pytest.fixture(scope="module")
@@ -104,15 +114,20 @@ def browser():
         instance.close()
 
 
-@pytest.fixture(scope="module")
-def page(server, browser):
-    url, _proc = server
+def open_page(browser, url: str):
+    """A new browser context and page on ``url``, once the panel and the three views are there."""
     context = browser.new_context(viewport={"width": 1600, "height": 900})
     page = context.new_page()
     page.set_default_timeout(WAIT_MS)
     page.goto(url)
-    page.wait_for_selector("#qc-run")
+    page.wait_for_selector("#qc-run", state="attached")
     page.wait_for_function("document.querySelectorAll('.layout-grid-item img, .layout-grid-item canvas').length >= 3")
+    return context, page
+
+
+@pytest.fixture(scope="module")
+def page(server, browser):
+    context, page = open_page(browser, server[0])
     yield page
     context.close()
 
@@ -240,44 +255,53 @@ def _axial_image(page, tmp_path, name):
     return np.asarray(Image.open(path).convert("RGB")), view.bounding_box()
 
 
+def _outline_distance(pgt_slice: np.ndarray, ijkToRas, k: int, axial: dict, image_shape) -> np.ndarray:
+    """Distance (screen px) of every pixel of the axial view's image to the outline of the pGT of
+    slice ``k`` as the slice node projects it: voxel centres IJK -> RAS (the Logic's matrix) -> XY
+    (inverse XYToRAS, origin bottom-left) -> image pixels, filled, its boundary."""
+    from scipy import ndimage as ndi
+
+    yx = np.argwhere(pgt_slice)
+    ijk = np.c_[yx[:, 1], yx[:, 0], np.full(len(yx), k), np.ones(len(yx))]
+    xy = (ijk @ np.asarray(ijkToRas).T) @ np.linalg.inv(np.asarray(axial["xy_to_ras"])).T
+    width, height = axial["dims"]
+    sx, sy = image_shape[1] / width, image_shape[0] / height
+    cols = np.clip(np.round(xy[:, 0] * sx).astype(int), 0, image_shape[1] - 1)
+    rows = np.clip(np.round((height - xy[:, 1]) * sy).astype(int), 0, image_shape[0] - 1)
+    region = np.zeros(image_shape[:2], bool)
+    region[rows, cols] = True
+    px = int(np.ceil(max(sx, sy) * np.linalg.norm(np.asarray(ijkToRas)[:3, 0])))  # screen px per voxel, about
+    region = ndi.binary_closing(ndi.binary_dilation(region, iterations=max(px // 2, 1)), iterations=2)
+    outline = region & ~ndi.binary_erosion(region)
+    return ndi.distance_transform_edt(~outline)
+
+
 def test_pgt_outline_colour_is_in_the_axial_view_where_the_pgt_is(page, expected, tmp_path):
     pgt = np.asarray(expected["result"].pgt, bool)
-    areas = pgt.sum(axis=(1, 2))
-    k = int(np.argmax(areas))
+    k = int(np.argmax(pgt.sum(axis=(1, 2))))
     page.uncheck("#qc-show-fp")
     page.uncheck("#qc-show-fn")
     page.click("#qc-tab-qc")
     page.evaluate(f"window.trame.trigger('qc_jump', [{k}])")
     page.wait_for_function(f"document.querySelector('#qc-axial').dataset.slice == '{k}'")
     axial = page.evaluate("window.trame.state.get('qc_axial')")
-    # where the pGT voxels of slice k land in the view: IJK -> RAS (the Logic) -> XY (the slice node)
-    yx = np.argwhere(pgt[k])  # (j, i) of the slice's pGT voxels
-    ijkToRas = expected["ijk_to_ras"]
-    ijk = np.c_[yx[:, 1], yx[:, 0], np.full(len(yx), k), np.ones(len(yx))]
-    ras = ijk @ np.asarray(ijkToRas).T
-    xy = ras @ np.linalg.inv(np.asarray(axial["xy_to_ras"])).T
-    width, height = axial["dims"]
-    deadline, inside, outside = time.monotonic() + WAIT_MS / 1000, 0, 0
+    deadline, near, far = time.monotonic() + WAIT_MS / 1000, 0, 0
     while time.monotonic() < deadline:  # the view streams its image: wait until the outline shows
         image, _box = _axial_image(page, tmp_path, "review-pgt-axial")
-        sx, sy = image.shape[1] / width, image.shape[0] / height
-        cols, rows = xy[:, 0] * sx, (height - xy[:, 1]) * sy  # XY origin is bottom-left
-        c0, c1, r0, r1 = cols.min() - 4, cols.max() + 4, rows.min() - 4, rows.max() + 4
+        distance = _outline_distance(pgt[k], expected["ijk_to_ras"], k, axial, image.shape)
         green = _green_pixels(image)
-        yy, xx = np.nonzero(green)
-        box = (xx >= c0) & (xx <= c1) & (yy >= r0) & (yy <= r1)
-        inside, outside = int(box.sum()), int((~box).sum())
-        if inside >= 10:
+        near, far = int((green & (distance <= 6)).sum()), int((green & (distance > 6)).sum())
+        if near >= 50 and far <= near / 4:
             break
-    assert inside >= 10, f"no pGT outline pixels where the pGT is (inside {inside}, elsewhere {outside})"
-    assert outside <= inside, f"pGT-coloured pixels away from the pGT: {outside} vs {inside} where it is"
+    assert near >= 50, f"no pGT outline pixels along the pGT's outline (near {near}, elsewhere {far})"
+    assert far <= near / 4, f"pGT-coloured pixels away from the pGT's outline: {far} vs {near} along it"
     page.uncheck("#qc-show-pgt")  # the toggle hides it
     deadline = time.monotonic() + WAIT_MS / 1000
     while time.monotonic() < deadline:
         image, _box = _axial_image(page, tmp_path, "review-pgt-hidden")
-        if _green_pixels(image).sum() < inside / 10:
+        if _green_pixels(image).sum() < near / 10:
             break
-    assert _green_pixels(image).sum() < inside / 10
+    assert _green_pixels(image).sum() < near / 10
     for toggle in ("#qc-show-pgt", "#qc-show-fp", "#qc-show-fn"):
         page.check(toggle)
 

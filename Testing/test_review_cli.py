@@ -1,5 +1,6 @@
 """`segqc review` without a browser: bad input is one error line naming the file (exit 2, no server),
-a `segqc batch` folder's cases come worst first, and `--host` says who can reach the review."""
+a `segqc batch` folder's cases come worst first, `--host` says who can reach the review, and the
+library itself never imports MRML or the web app."""
 from __future__ import annotations
 
 import importlib.util
@@ -9,8 +10,8 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("trame_slicer") is None,
-                                reason="needs the review extra (pip install 'segqc[review]')")
+needs_review = pytest.mark.skipif(importlib.util.find_spec("trame_slicer") is None,
+                                  reason="needs the review extra (pip install 'segqc[review]')")
 
 
 def run_review(*args: str, cwd) -> subprocess.CompletedProcess:
@@ -19,12 +20,14 @@ def run_review(*args: str, cwd) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=180)
 
 
+@needs_review
 def test_nothing_to_review_is_an_error(tmp_path):
     proc = run_review(cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: review:")
 
 
+@needs_review
 def test_a_corrupt_image_is_named_and_no_server_starts(tmp_path):
     bad = tmp_path / "scan.nii.gz"
     bad.write_bytes(b"\x1f\x8b not really gzip")
@@ -35,6 +38,7 @@ def test_a_corrupt_image_is_named_and_no_server_starts(tmp_path):
     assert "SegQC Review: http" not in proc.stdout
 
 
+@needs_review
 def test_qc_folder_cases_worst_first_errors_last_paths_absolute(tmp_path):
     from SegQCReview.inputs import read_qc_dir
 
@@ -50,6 +54,7 @@ def test_qc_folder_cases_worst_first_errors_last_paths_absolute(tmp_path):
     assert cases[2].worst_slice is None and cases[2].status == "error"
 
 
+@needs_review
 def test_a_folder_without_results_is_an_error_naming_it(tmp_path):
     from SegQCLib.errors import InputError
     from SegQCReview.inputs import read_qc_dir
@@ -58,9 +63,19 @@ def test_a_folder_without_results_is_an_error_naming_it(tmp_path):
         read_qc_dir(tmp_path)
 
 
+@needs_review
 def test_host_says_who_can_reach_the_review():
     from SegQCReview.serve import reachable_addresses
 
     assert reachable_addresses("127.0.0.1") == []
     assert reachable_addresses("10.1.2.3") == ["10.1.2.3"]
     assert reachable_addresses("0.0.0.0")  # at least this machine's name
+
+
+def test_the_library_and_its_cli_never_import_slicer():
+    """SegQCLib stays pure Python: the web app is imported only when `segqc review` runs."""
+    code = ("import sys, SegQCLib, SegQCLib.cli, SegQCLib.qc, SegQCLib.batch, SegQCLib.refine; "
+            "bad = [m for m in ('slicer', 'vtk', 'qt', 'trame', 'SegQCLogic', 'SegQCReview') if m in sys.modules]; "
+            "assert not bad, bad")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -125,3 +125,27 @@ def test_the_effect_calls_only_logic_methods_that_exist(logic):
     missing = sorted(name for name in used if not hasattr(logic, name))
     assert not missing, f"SegmentEditorQualityControl.py uses Logic members that do not exist: {missing}"
     assert "from SegQCLogic import SegQCLogic" in source and "class SegQCLogic" not in source
+
+
+def test_atlas_model_recognises_colin27_read_by_slicer(scene, slicer_env, logic):
+    """The image's own atlas is never its pGT, also when Slicer read the image (int16 voxels, a grid
+    from the IJK-to-RAS matrix): Colin27's AAL hippocampus has no other atlas, so it is an error."""
+    from test_slicer_logic import load_volume
+
+    from SegQCLib.data.sources import DataSourceMissing, colin27
+    from SegQCLib.errors import InputError
+    from SegQCLib.qc import available_models
+
+    if "atlas-brain-mr" not in {m.name for m in available_models()}:
+        pytest.skip("atlas-brain-mr is not installed")
+    try:
+        subject = colin27("aal")
+    except DataSourceMissing as err:
+        pytest.skip(str(err))
+    volumeNode = load_volume(slicer_env, Path(subject.image.name), "ch2")
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "aal")
+    node.CreateDefaultDisplayNodes()
+    node.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+    segmentId = add_segment(slicer_env, node, "Hippocampus_L", subject.segmentation.mask("Hippocampus_L"), volumeNode)
+    with pytest.raises(InputError, match="no atlas other than the image itself"):
+        logic.assessSegment(volumeNode, node, segmentId, "atlas-brain-mr", "cpu")
