@@ -804,6 +804,27 @@ def eval_cmd(
         write_json(results, json_out, (card,))
 
 
+@app.command("review")
+def review_cmd(
+    inputs: Optional[List[str]] = typer.Argument(None, help="IMAGE [SEG ...], a scene .mrb, or a `segqc batch` output folder."),
+    demo: bool = typer.Option(False, "--demo", help="Colin27 with degraded AAL structures (needs mricron-data)."),
+    model: Optional[str] = typer.Option(None, "--model", help="QC model preselected (default: a pGT model if installed)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; 0.0.0.0 exposes the review to the network."),
+    port: int = typer.Option(8080, "--port", help="Port to listen on (0: any free port)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder Save writes into (default: the working directory)."),
+) -> None:
+    """The SegQC panel beside Slicer's Segment Editor, in a browser (trame-slicer; `pip install segqc[review]`)."""
+    if not inputs and not demo:
+        raise InputError("review", "name an image (and segmentations), a scene .mrb, a QC folder, or --demo")
+    try:  # the web app lives beside the library (it imports MRML; SegQCLib never does)
+        from SegQCReview.serve import serve
+    except ImportError as err:
+        raise InputError("review", f"the web app is not installed ({err}): pip install 'segqc[review]'") from err
+    serve(list(inputs or []), demo=demo, model=model, device=device, host=host, port=port,
+          out_dir=str(out) if out else None)
+
+
 def _print_version(value: bool) -> None:
     if value:
         console.print(f"segqc {__version__}")

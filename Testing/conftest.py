@@ -46,6 +46,8 @@ for _path in (ROOT, ROOT / "SegQC"):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
+from SegQCLogic.headless import HeadlessApp, HeadlessModule  # noqa: E402 - after the path set-up
+
 #: (exact Slicer module name, logic class name in the ``slicer`` package), in start-up order:
 #: Sequences before Markups (scene views), Segmentations after SubjectHierarchy.
 MODULE_LOGICS = (
@@ -63,50 +65,6 @@ MODULE_LOGICS = (
 )
 
 _GENERIC_COLORS = "0 Background 0 0 0 0\n1 tissue 128 174 128 255\n2 bone 241 214 145 255\n"
-
-
-class HeadlessApp:
-    """The few members of ``slicer.app`` (qSlicerApplication) that ``slicer.util`` and our code use."""
-
-    applicationName = "SlicerHeadless"
-
-    def __init__(self, scene, appLogic, tempDir: str):
-        self._scene = scene
-        self._appLogic = appLogic
-        self.temporaryPath = tempDir
-        self.commandOptions = lambda: types.SimpleNamespace(noMainWindow=True)
-
-    def mrmlScene(self):
-        return self._scene
-
-    def applicationLogic(self):
-        return self._appLogic
-
-    def testingEnabled(self):
-        return True  # message boxes of slicer.util return at once instead of waiting for a click
-
-    def layoutManager(self):
-        return None  # no views
-
-    def processEvents(self):
-        pass
-
-    def pauseRender(self):
-        pass
-
-    def resumeRender(self):
-        pass
-
-
-class HeadlessModule:
-    """A ``slicer.modules.<name>`` entry: ``name`` and ``logic()``."""
-
-    def __init__(self, name: str, logic):
-        self.name = name
-        self._logic = logic
-
-    def logic(self):
-        return self._logic
 
 
 def build_headless_slicer():

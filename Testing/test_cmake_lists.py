@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("SegQC", "SegQCLib")
+PACKAGES = ("SegQC", "SegQCLib", "SegQCLogic")
 QT_SCRIPTED = "<Slicer_QTSCRIPTEDMODULES_LIB_DIR>"
 QT_SCRIPTED_INSTALL = "<Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR>"
 BINARY_DIR = "<CMAKE_BINARY_DIR>"
@@ -217,7 +217,7 @@ def test_install_layout_mirrors_source_tree(installed):
     """Installed paths keep the package structure: ``SegQC.py`` beside ``SegQCLib/...``."""
     for source, target in installed.files.items():
         relative = source.relative_to(ROOT)
-        if relative.parts[0] == "SegQCLib":
+        if relative.parts[0] in ("SegQCLib", "SegQCLogic"):
             assert target == relative.as_posix(), f"{relative} installed as {target}"
         elif relative.parts[0] == "SegQC":
             assert target == Path(*relative.parts[1:]).as_posix(), f"{relative} installed as {target}"
@@ -392,8 +392,9 @@ def test_configure_and_install_with_stub_slicer(tmp_path):
         from pathlib import Path
         modules, has_models = Path(sys.argv[1]), sys.argv[2] == "1"
         sys.path.insert(0, str(modules))
-        import SegQCLib, SegQC
+        import SegQCLib, SegQCLogic, SegQC
         assert Path(SegQCLib.__file__).parent.parent == modules, SegQCLib.__file__
+        assert Path(SegQCLogic.__file__).parent.parent == modules, SegQCLogic.__file__
         assert (modules / "Resources" / "Models").is_dir() or not has_models
         SegQC.SegQCLogic()
     """)

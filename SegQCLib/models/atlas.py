@@ -53,10 +53,21 @@ def _atlas_loaders() -> list[tuple[str, Callable]]:
 
 
 def _fingerprint(volume: Volume) -> str:
-    """A content hash of a volume (grid + voxels): equal images are recognised, different ones never confused."""
+    """A content hash of a volume (grid + voxels): equal images are recognised, different ones never confused.
+
+    The same image read another way must give the same hash: Slicer's reader keeps the file's
+    voxel type (int16 for ch2) where ``read_volume`` gives float32, and a grid computed from an
+    IJK-to-RAS matrix carries float noise. So voxels are hashed as float32 and the grid rounded
+    (spacing and direction to 1e-5, origin to 1e-3 mm); otherwise a Colin27 opened in Slicer was not
+    recognised and got its own labels as "pseudo" ground truth.
+    """
+    grid = volume.grid
     digest = hashlib.blake2b(digest_size=16)
-    digest.update(repr(volume.grid).encode())
-    digest.update(np.ascontiguousarray(volume.array).tobytes())
+    rounded = lambda values, decimals: (np.round(np.asarray(values, float), decimals) + 0.0).tolist()  # noqa: E731 - +0.0: no -0.0
+    canonical = (tuple(int(n) for n in grid.shape), rounded(grid.spacing, 5), rounded(grid.origin, 3),
+                 rounded(grid.direction, 5))
+    digest.update(repr(canonical).encode())
+    digest.update(np.ascontiguousarray(volume.array, dtype=np.float32).tobytes())
     return digest.hexdigest()
 
 

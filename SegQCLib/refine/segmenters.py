@@ -94,6 +94,9 @@ class GrabCutSegmenter:
             return np.zeros(shape, bool)
         colour = cv2.cvtColor(_window_uint8(image), cv2.COLOR_GRAY2BGR)
         background, foreground = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
+        # OpenCV's RNG (GrabCut's k-means init) is per thread: seed it so a refine in a worker thread
+        # gives the same mask as in the main thread
+        cv2.setRNGSeed(0)
         try:
             cv2.grabCut(colour, init, None, background, foreground, self.iterations, cv2.GC_INIT_WITH_MASK)
         except cv2.error:  # a degenerate colour model (e.g. a constant slice): keep the seeds' verdict
