@@ -352,6 +352,11 @@ def _notes(structure: Structure, reference: Segmentation | None, result, empty: 
     if result.extra.get("structure_seen_in_training") is False:
         nearest = result.extra.get("nearest_trained_structure")
         notes.append("model not trained on this structure" + (f" (read as {nearest})" if nearest else ""))
+    # why the input is outside the model's domain (SegQCLib.domain: modality, intensity, spacing, structure)
+    said = result.extra.get("structure_seen_in_training") is False  # the structure's reason is said above
+    reasons = [r for r in (result.extra.get("domain") or {}).get("reasons", []) if not (said and r.startswith("structure '"))]
+    if reasons:
+        notes.append("outside the model's domain: " + "; ".join(reasons))
     return notes
 
 
