@@ -65,8 +65,9 @@ def start_review(args: list[str], out_dir: Path):
     """``segqc review ARGS --port 0 --out OUT_DIR`` on 127.0.0.1: (url, process); fails with its log."""
     env = {**os.environ, "VTK_DEFAULT_OPENGL_WINDOW": "vtkEGLRenderWindow", "PYTHONUNBUFFERED": "1"}
     log = (out_dir / "server.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "SegQCLib.cli", "review", *args, "--port", "0",
-                             "--out", str(out_dir)], stdout=subprocess.PIPE, stderr=log, text=True, env=env, cwd=out_dir)
+    proc = subprocess.Popen([sys.executable, "-m", "SegQCLib.cli", "review", *args, "--port", "0", "--out", str(out_dir)],
+                            stdout=subprocess.PIPE, stderr=log, text=True, encoding="utf-8", errors="replace", env=env,
+                            cwd=out_dir)
     url, deadline = None, time.monotonic() + 120
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
@@ -81,7 +82,7 @@ def start_review(args: list[str], out_dir: Path):
     log.close()
     if url is None:
         proc.kill()
-        pytest.fail(f"the review server did not start:\n{(out_dir / 'server.log').read_text()[-3000:]}")
+        pytest.fail(f"the review server did not start:\n{(out_dir / 'server.log').read_text(errors='replace')[-3000:]}")
     return url, proc
 
 
@@ -397,6 +398,23 @@ def test_a_corrupt_or_mismatched_upload_gives_a_message_and_changes_nothing(page
     page.set_input_files("#qc-upload-segmentation", str(small))
     assert "small" in wait_text(page, "#qc-error", "small")
     assert page.inner_text("#qc-scene") == scene
+
+
+def test_a_model_that_does_not_fit_gives_a_message_and_changes_nothing(page):
+    """atlas-brain-mr has no atlas but Colin27's own for Colin27's hippocampus: an error, not a pGT."""
+    page.click("#qc-tab-qc")
+    scene = page.evaluate("window.trame.state.get('qc_scene')")
+    rows = len(table_rows(page))
+    page.evaluate("""() => { const s = window.trame.state;
+        s.set('qc_segment', s.get('qc_segments').find(x => x.title === 'Hippocampus_L').value); }""")
+    page.wait_for_function("window.trame.state.get('qc_segments').find(x => x.value === "
+                           "window.trame.state.get('qc_segment')).title === 'Hippocampus_L'")
+    page.click("#qc-run")
+    message = wait_text(page, "#qc-error", "no atlas other than the image itself")
+    assert "Hippocampus_L" in message
+    page.wait_for_function("!window.trame.state.get('qc_busy')")
+    assert page.evaluate("window.trame.state.get('qc_scene')") == scene
+    assert len(table_rows(page)) == rows and page.evaluate("window.trame.state.get('qc_has_pgt')")
 
 
 def test_a_second_browser_is_told_the_review_is_in_use(page, server, browser):
