@@ -226,7 +226,6 @@ def test_run_qc_table_is_the_logic_result_one_row_per_slice(page, expected, tmp_
     assert dscs == sorted(dscs), "worst first"
     assert page.locator("#qc-plot .qc-plot-point").count() == len(rows)
     assert page.locator("#qc-overlay").is_visible()
-    shot(page, "review-qc", tmp_path)
 
 
 def test_a_row_click_and_a_plot_click_jump_the_axial_view_to_the_slice(page, expected):
@@ -305,6 +304,13 @@ def test_pgt_outline_colour_is_in_the_axial_view_where_the_pgt_is(page, expected
     assert _green_pixels(image).sum() < near / 10
     for toggle in ("#qc-show-pgt", "#qc-show-fp", "#qc-show-fn"):
         page.check(toggle)
+    deadline = time.monotonic() + WAIT_MS / 1000
+    while time.monotonic() < deadline:  # FP (orange) back in view: the README's picture of the QC panel
+        image, _box = _axial_image(page, tmp_path, "review-overlay-axial")
+        r, g, b = (image[..., i].astype(int) for i in range(3))
+        if ((r > 180) & (g > 90) & (g < 190) & (b < 80)).sum() > 50 and _green_pixels(image).sum() >= near / 2:
+            break
+    shot(page, "review-qc", tmp_path)
 
 
 def test_refine_adds_a_segment_shows_prompts_keeps_the_original(page, expected, tmp_path):
@@ -370,6 +376,11 @@ def test_reject_accept_and_the_editor_undo(page, expected):
 
 
 def test_batch_table_lists_every_segment_worst_first(page, tmp_path):
+    from SegQCLib.qc import available_models
+
+    if "sentinel-brain-mr" in {m.name for m in available_models()}:  # it scores every named structure
+        page.evaluate("window.trame.state.set('qc_model', 'sentinel-brain-mr')")
+        page.wait_for_function("window.trame.state.get('qc_model') === 'sentinel-brain-mr'")
     page.click("#qc-tab-batch")
     page.click("#qc-batch")
     page.wait_for_selector("#qc-batch-table .qc-batch-row")
@@ -379,6 +390,7 @@ def test_batch_table_lists_every_segment_worst_first(page, tmp_path):
     scores = [r["score"] for r in rows if r["score"] is not None]
     assert scores == sorted(scores)
     shot(page, "review-batch", tmp_path)
+    page.evaluate(f"window.trame.state.set('qc_model', '{MODEL}')")
 
 
 def test_a_corrupt_or_mismatched_upload_gives_a_message_and_changes_nothing(page, tmp_path):
