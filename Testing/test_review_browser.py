@@ -454,3 +454,23 @@ def test_a_second_browser_is_told_the_review_is_in_use(page, server, browser):
     page.click("#qc-table .qc-row >> nth=1")
     page.wait_for_function("document.querySelector('#qc-axial').dataset.slice == "
                            "document.querySelectorAll('#qc-table .qc-row')[1].dataset.slice")
+
+
+def test_the_saved_scene_opens_in_a_new_review(page, browser, tmp_path):
+    """Save scene (.mrb) in the Files tab, then `segqc review saved.mrb` shows the same segmentation."""
+    page.click("#qc-tab-qc")
+    segments = sorted(page.evaluate("window.trame.state.get('qc_segments').map(s => s.title)"))
+    mrb = save(page, "scene")
+    assert mrb.suffix == ".mrb" and mrb.stat().st_size > 0
+    url, proc = start_review([str(mrb), "--model", MODEL], tmp_path)
+    try:
+        context, other = open_page(browser, url)
+        try:
+            other.wait_for_function("window.trame.state.get('qc_segments').length > 0")
+            assert sorted(other.evaluate("window.trame.state.get('qc_segments').map(s => s.title)")) == segments
+            names = other.evaluate("window.trame.state.get('qc_segmentations').map(s => s.title)")
+            assert names == ["Colin27 degraded"], "SegQC's pGT node is not offered for review"
+        finally:
+            context.close()
+    finally:
+        stop_review(proc)
