@@ -181,7 +181,9 @@ class SegQCWidget(ScriptedLoadableModuleWidget):
         """Bind the panel's settings to the module's parameter node (restored with a scene)."""
         if SegQCParameterNode is None:
             return
-        self._parameterNode = SegQCParameterNode(ScriptedLoadableModuleLogic().getParameterNode())
+        moduleLogic = ScriptedLoadableModuleLogic()
+        moduleLogic.moduleName = "SegQC"  # the singleton parameter node of this module (not "ScriptedLoadableModule")
+        self._parameterNode = SegQCParameterNode(moduleLogic.getParameterNode())
         for widgetName, field in _PARAMETER_WIDGETS.items():
             getattr(self.ui, widgetName).setProperty("SlicerParameterName", field)
         self._parameterNode.connectGui(self.ui)

@@ -374,6 +374,7 @@ class SegQCLogic:
                 node.GetDisplayNode().SetSelectedColor(*color)
                 node.GetDisplayNode().SetColor(*color)
                 node.GetDisplayNode().SetPointLabelsVisibility(False)  # labels of 20 clicks hide the slice
+                node.GetDisplayNode().SetPropertiesLabelVisibility(False)
             nodes[key] = node
         return nodes
 

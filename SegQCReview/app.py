@@ -355,20 +355,17 @@ class ReviewApp:
     # ------------------------------------------------------------------ Run QC
     def run_qc(self):
         volumeNode, node, segmentId = self._selected()
-        self._remove_pgt_node()
-        self._clear_results()
         self._t_run = time.perf_counter()
         job = self.logic.assessSegmentJob(volumeNode, node, segmentId, self.state.qc_model, self.state.qc_device,
                                           float(self.state.qc_threshold))
-        self._start(job, self._show_qc)
+        previous = self.pgtNode  # replaced only once the new result is there: an error keeps the scene as it was
+        self._start(job, lambda tableNode: self._show_qc(tableNode, previous))
 
-    def _remove_pgt_node(self):
-        if self.pgtNode is not None and self.scene.IsNodePresent(self.pgtNode):
-            self.scene.RemoveNode(self.pgtNode)
-        self.pgtNode = None
-
-    def _show_qc(self, tableNode):
+    def _show_qc(self, tableNode, previousPgt=None):
         result = self.logic.lastResult
+        if previousPgt is not None and self.scene.IsNodePresent(previousPgt):
+            self.scene.RemoveNode(previousPgt)
+        self._clear_results()
         self.tableNode = tableNode
         self.pgtNode = self.logic.lastPseudoGroundTruthNode
         columns = self.logic.resultColumns(result)

@@ -133,7 +133,11 @@ def _table(rows: str, columns, click: str, table_id: str, row_class: str):
             with html.Tr(v_for=f"row in {rows}", key="row.index", click=click, style="cursor: pointer;",
                          classes=row_class):
                 for key, _title in columns:
-                    html.Td(f"{{{{ row.{key} === null ? '-' : row.{key} }}}}")
+                    if key == "status":  # an error message in full would squeeze the table: its start, all on hover
+                        html.Td("{{ row.status.length > 28 ? row.status.slice(0, 28) + '...' : row.status }}",
+                                raw_attrs=[':title="row.status"'])
+                    else:
+                        html.Td(f"{{{{ row.{key} === null ? '-' : row.{key} }}}}")
 
 
 def _batch_tab():

@@ -34,7 +34,7 @@ def qc_dir(demo_available, tmp_path_factory):
     (folder / "pairs.csv").write_text("\n".join(lines) + "\n")
     proc = subprocess.run([sys.executable, "-m", "SegQCLib.cli", "batch", str(folder / "pairs.csv"), "--out",
                            str(folder / "qc"), "--model", MODEL, "--workers", "0", "--no-report", "--device", "cpu"],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with (folder / "qc" / "results.csv").open() as handle:
         rows = list(csv.DictReader(handle))

@@ -17,7 +17,7 @@ needs_review = pytest.mark.skipif(importlib.util.find_spec("trame_slicer") is No
 def run_review(*args: str, cwd) -> subprocess.CompletedProcess:
     env = {**os.environ, "VTK_DEFAULT_OPENGL_WINDOW": "vtkEGLRenderWindow"}
     return subprocess.run([sys.executable, "-m", "SegQCLib.cli", "review", *args, "--port", "0"], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=180)
+                          capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=180)
 
 
 @needs_review

@@ -58,13 +58,14 @@ def large_case(folder: Path) -> list[str]:
 def start_server(args: list[str], out: Path):
     env = {**os.environ, "VTK_DEFAULT_OPENGL_WINDOW": "vtkEGLRenderWindow", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "SegQCLib.cli", "review", *args, "--port", "0", "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=(out / "server.log").open("w"), text=True, env=env, cwd=out)
+                            stdout=subprocess.PIPE, stderr=(out / "server.log").open("w"), text=True, encoding="utf-8",
+                            errors="replace", env=env, cwd=out)
     start = time.perf_counter()
     for line in proc.stdout:
         match = re.search(r"SegQC Review: (http://\S+)", line)
         if match:
             return proc, match.group(1), time.perf_counter() - start
-    raise RuntimeError(f"server did not start: {(out / 'server.log').read_text()[-2000:]}")
+    raise RuntimeError(f"server did not start: {(out / 'server.log').read_text(errors='replace')[-2000:]}")
 
 
 def select(page, model: str, structure: str) -> None:
