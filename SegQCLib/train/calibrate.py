@@ -132,8 +132,10 @@ def calibrate_card(card_path: str | Path, coverage: float = DEFAULT_COVERAGE, de
     entry = {**calibration.to_dict(), "data": data, "measured_coverage": measured,
              "measured_how": "cross-fitted: 5 folds of the cases (by case) or of the structures (by structure); "
                              "each fold measured with a calibration fitted on the others"}
-    card["calibration"] = entry
-    write_bytes_atomic(card_path, json.dumps(card, indent=2))
+    # re-read: the collection takes minutes, and the card may have gained other entries meanwhile
+    current = json.loads(card_path.read_text())
+    current["calibration"] = entry
+    write_bytes_atomic(card_path, json.dumps(current, indent=2))
     return entry
 
 
