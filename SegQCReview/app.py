@@ -280,16 +280,19 @@ class ReviewApp:
         self.scene.Clear(0)
         self.volumeNode = None
 
-    def add_segmentation_file(self, path: str, name: str | None = None):
-        """Add a segmentation file to the open image (checked first: a bad file changes nothing)."""
+    def add_segmentation_files(self, paths: list[str]):
+        """Add segmentation files to the open image; all are checked first, so one bad file adds none.
+        Node names are the file names without their suffixes."""
         from SegQCLib.errors import InputError
 
         if self.volumeNode is None:
-            raise InputError(name or path, "open an image first")
-        checked = check_segmentation(path, self.logic.gridFromNode(self.volumeNode), name=name)
-        node = self._add_segmentation(checked, self.volumeNode)
-        self._show(self.volumeNode, node)
-        return node
+            raise InputError(paths[0] if paths else "segmentation", "open an image first")
+        grid = self.logic.gridFromNode(self.volumeNode)
+        checked = [check_segmentation(p, grid, name=Path(p).name.split(".")[0]) for p in paths]
+        nodes = [self._add_segmentation(c, self.volumeNode) for c in checked]
+        if nodes:
+            self._show(self.volumeNode, nodes[-1])
+        return nodes
 
     # ------------------------------------------------------------------ selection
     def _selected(self):
@@ -585,10 +588,13 @@ class ReviewApp:
         with tempfile.TemporaryDirectory(prefix="segqc-upload-") as folder:
             paths = sorted(write_client_files_to_dir(files if isinstance(files, list) else [files], folder))
             if kind == "image":
-                self.open_image(paths[0], paths[1:])
+                # the image is the largest file that is not a .seg.nrrd (label maps compress far better
+                # than images); the other files are its segmentations
+                candidates = [p for p in paths if not p.lower().endswith(".seg.nrrd")] or paths
+                image = max(candidates, key=lambda p: Path(p).stat().st_size)
+                self.open_image(image, [p for p in paths if p != image])
             else:
-                for path in paths:
-                    self.add_segmentation_file(path, name=Path(path).name.split(".")[0])
+                self.add_segmentation_files(paths)
         self._set(qc_info=f"loaded {', '.join(Path(p).name for p in paths)}")
 
     # ------------------------------------------------------------------ UI

@@ -474,3 +474,23 @@ def test_the_saved_scene_opens_in_a_new_review(page, browser, tmp_path):
             context.close()
     finally:
         stop_review(proc)
+
+
+def test_uploading_an_image_with_its_segmentation_opens_them(page, tmp_path):
+    """Files tab, Open image (+ segmentations): a label map with a sidecar-free single structure
+    and the image, in either order; the scene then holds them (this replaces the demo: keep last)."""
+    from SegQCLib.io import write_mask
+    from SegQCReview.inputs import demo_case
+
+    image_path, checked = demo_case()
+    from SegQCLib.io import read_volume
+
+    grid = read_volume(image_path).grid
+    label = write_mask(checked.masks["Hippocampus_L"], grid, tmp_path / "hippo.nii.gz")
+    page.click("#qc-tab-files")
+    page.set_input_files("#qc-upload-image", [str(label), image_path])
+    wait_text(page, "#qc-info", "loaded")
+    assert not page.evaluate("window.trame.state.get('qc_error')")
+    scene = page.inner_text("#qc-scene")
+    assert "ch2" in scene and "hippo (1 segments)" in scene, scene
+    assert page.evaluate("window.trame.state.get('qc_segmentations').map(s => s.title)") == ["hippo"]
