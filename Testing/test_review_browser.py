@@ -98,8 +98,10 @@ def stop_review(proc) -> None:
 def server(demo_available, out_dir):
     """``segqc review --demo`` on a free port of 127.0.0.1: (url, process)."""
     url, proc = start_review(["--demo", "--model", MODEL], out_dir)
-    yield url, proc
-    stop_review(proc)
+    try:
+        yield url, proc
+    finally:
+        stop_review(proc)
 
 
 @pytest.fixture(scope="module")

@@ -45,10 +45,12 @@ def qc_dir(demo_available, tmp_path_factory):
 @pytest.fixture(scope="module")
 def cases_page(qc_dir, browser, tmp_path_factory):
     url, proc = start_review([str(qc_dir[0]), "--model", MODEL], tmp_path_factory.mktemp("review-cases-out"))
-    context, page = open_page(browser, url)
-    yield page
-    context.close()
-    stop_review(proc)
+    try:  # the server stops even when the page never comes up
+        context, page = open_page(browser, url)
+        yield page
+        context.close()
+    finally:
+        stop_review(proc)
 
 
 def test_cases_worst_first_and_a_click_opens_the_case_with_its_pgt(cases_page, qc_dir):
