@@ -105,6 +105,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="warm Run QC repetitions per model")
     parser.add_argument("--skip-large", action="store_true", help="only Colin27")
+    parser.add_argument("--skip-small", action="store_true", help="only the 300 x 512 x 512 volume")
     options = parser.parse_args()
     from playwright.sync_api import sync_playwright
 
@@ -114,7 +115,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="segqc-bench-review-") as tmp, sync_playwright() as playwright:
         tmp = Path(tmp)
-        cases = [("Colin27 181x217x181", ["--demo"])]
+        cases = [] if options.skip_small else [("Colin27 181x217x181", ["--demo"])]
         if not options.skip_large:
             t0 = time.perf_counter()
             cases.append(("CT-sized 300x512x512", large_case(tmp)))
