@@ -255,6 +255,30 @@ class Pairs:
                      self.structure[sel])
 
 
+class PairCollector:
+    """Gathers held-out pairs per (level, metric) while an evaluation runs; :meth:`pairs` gives them as
+    ``{level: {metric: Pairs}}``, in the order they were added."""
+
+    _FIELDS = ("pred", "true", "domain", "split", "case", "structure")
+
+    def __init__(self) -> None:
+        self._lists: dict[str, dict[str, dict[str, list]]] = {}
+
+    def add(self, level: str, metric: str, pred, true, domain, split, case, structure) -> None:
+        """Add one pair or several: ``pred`` and ``true`` scalars or sequences of one length; each of the
+        others a scalar (the same for all) or a sequence of that length."""
+        pred, true = np.atleast_1d(np.asarray(pred, float)), np.atleast_1d(np.asarray(true, float))
+        into = self._lists.setdefault(level, {}).setdefault(metric, {k: [] for k in self._FIELDS})
+        into["pred"] += pred.tolist()
+        into["true"] += true.tolist()
+        for key, value in zip(self._FIELDS[2:], (domain, split, case, structure)):
+            into[key] += list(value) if isinstance(value, (list, tuple, np.ndarray, range)) else [value] * pred.size
+
+    def pairs(self) -> dict[str, dict[str, Pairs]]:
+        return {lvl: {m: Pairs.from_lists(*(d[k] for k in self._FIELDS)) for m, d in by.items()}
+                for lvl, by in self._lists.items()}
+
+
 def _covered(cal: ScoreCalibration, pairs: Pairs) -> tuple[np.ndarray, np.ndarray]:
     """(inside, width) per pair, domain by domain."""
     inside, width = np.zeros(pairs.pred.size, bool), np.zeros(pairs.pred.size)
@@ -316,5 +340,5 @@ def fit_calibration(pairs: Mapping[str, Mapping[str, Pairs]], coverage: float = 
     return Calibration(coverage, scores), measured
 
 
-__all__ = ["Calibration", "ScoreCalibration", "Pairs", "annotate_scores", "annotate_result", "fit_calibration", "cross_fitted_coverage",
+__all__ = ["Calibration", "ScoreCalibration", "Pairs", "PairCollector", "annotate_scores", "annotate_result", "fit_calibration", "cross_fitted_coverage",
            "conformal_bounds", "DEFAULT_COVERAGE"]

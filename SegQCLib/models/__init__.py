@@ -82,14 +82,20 @@ def register_builtin_models() -> None:
                        domain=card_domain(builtin_card(MODEL_NAME)))
 
 
-def builtin_card(name: str) -> dict:
-    """The card of a built-in model (no weights) found in :func:`model_dirs` (calibration, domain), or {}."""
+def builtin_card(name: str, strict: bool = False) -> dict:
+    """The card of a built-in model (no weights) found in :func:`model_dirs` (calibration, domain), or {}
+    when none is installed. An unreadable card gives {} too, or with ``strict`` an
+    :class:`~SegQCLib.errors.InputError` naming it (loading the model says so; registering it does not)."""
+    from ..errors import InputError
+
     for folder in model_dirs():
         card = folder / f"{name}.json"
         if card.is_file():
             try:
                 return json.loads(card.read_text())
-            except (OSError, ValueError):
+            except (OSError, ValueError) as err:
+                if strict:
+                    raise InputError(card, f"not a readable model card ({err})") from None
                 return {}
     return {}
 

@@ -312,21 +312,16 @@ class AtlasQC:
 def load_model(device: str = "cpu") -> AtlasQC:
     """The registered ``atlas-brain-mr`` model (registration runs on the CPU whatever ``device`` is), with the
     interval calibration of its card ``atlas-brain-mr.json`` when one is installed."""
-    import json
-
     from ..calibration import Calibration
-    from . import model_dirs
+    from . import builtin_card
 
     del device
     model = AtlasQC()
-    for folder in model_dirs():
-        card = folder / f"{MODEL_NAME}.json"
-        if card.is_file():
-            try:
-                data = json.loads(card.read_text())
-                model.calibration = Calibration.from_dict(data.get("calibration"))
-                model.domain = card_domain(data)
-            except (OSError, ValueError, KeyError) as err:
-                raise InputError(card, f"not a readable atlas model card ({err})") from None
-            break
+    card = builtin_card(MODEL_NAME, strict=True)
+    if card:
+        try:
+            model.calibration = Calibration.from_dict(card.get("calibration"))
+        except (KeyError, ValueError, TypeError) as err:
+            raise InputError(f"{MODEL_NAME}.json", f"not a readable atlas model card ({err})") from None
+        model.domain = card_domain(card)
     return model

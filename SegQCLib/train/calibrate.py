@@ -20,13 +20,11 @@ from typing import Any
 
 import numpy as np
 
-from ..calibration import DEFAULT_COVERAGE, Pairs, fit_calibration
+from ..calibration import DEFAULT_COVERAGE, PairCollector, Pairs, fit_calibration
 from ..errors import InputError
 
 #: Masks degraded into each DSC band per held-out subject of a pGT model.
 PER_BAND = 16
-#: Fields of a Pairs list, in :meth:`Pairs.from_lists` order.
-_FIELDS = ("pred", "true", "domain", "split", "case", "structure")
 
 
 def pgt_model_pairs(model, cases: list[tuple[Any, np.ndarray, str, str]], per_band: int = PER_BAND, seed: int = 11,
@@ -42,12 +40,10 @@ def pgt_model_pairs(model, cases: list[tuple[Any, np.ndarray, str, str]], per_ba
     from ..progress import progress_bar
 
     rng = np.random.default_rng(seed)
-    lists = {lvl: {m: {k: [] for k in _FIELDS} for m in ("dsc", "hd95")} for lvl in ("volume", "slice")}
+    collected = PairCollector()
 
     def add(level: str, metric: str, pred: float, true: float, split: str, case: str, structure: str) -> None:
-        into = lists[level][metric]
-        for key, value in zip(_FIELDS, (pred, true, "in", split, case, f"{split}/{structure}")):
-            into[key].append(value)
+        collected.add(level, metric, pred, true, "in", split, case, f"{split}/{structure}")
 
     with progress_bar(disable=not progress) as bar:
         task = bar.add_task("calibration masks", total=len(cases) * (len(DSC_BANDS) * per_band + 2))
@@ -69,7 +65,7 @@ def pgt_model_pairs(model, cases: list[tuple[Any, np.ndarray, str, str]], per_ba
                     for metric in ("dsc", "hd95"):
                         add("slice", metric, row[metric], truth_row[metric], split, case, structure)
                 bar.advance(task)
-    return {lvl: {m: Pairs.from_lists(*(d[k] for k in _FIELDS)) for m, d in by.items()} for lvl, by in lists.items()}
+    return collected.pairs()
 
 
 def collect_pairs(card_path: Path, card: dict[str, Any], device: str, data_dir: Path | None, progress: bool,

@@ -249,7 +249,7 @@ def calibration_pairs(model: QANetQC, data_dir: Path | None = None, scenes: int 
     stacks scored by a 2D model are the domain :data:`~SegQCLib.models.qanet.STACK_DOMAIN`: their patch
     errors are larger than those of 2D images (cross-fitted 90 % intervals pooled with them cover 81 %
     of stack patches), so their intervals are calibrated apart."""
-    from ..calibration import Pairs
+    from ..calibration import PairCollector
     from ..metrics import seg_measure
     from .qanet_data import perturb_instances, simulate_scene
     from .qanet_real import _slice_seg, _true_distance
@@ -261,17 +261,11 @@ def calibration_pairs(model: QANetQC, data_dir: Path | None = None, scenes: int 
     data_dir = Path(data_dir) if data_dir else Path("runs") / "qanet-data"
     distances = tuple(t for t in model.config.targets if t in DISTANCE_TARGETS)
     info, distance_info = model.card.get("data", {}), model.card.get("distance_heads", {}).get("data", {})
-    lists = {lvl: {} for lvl in ("patch", "volume")}
+    collected = PairCollector()
 
     def add(level: str, metric: str, pred, true, split: str, cases, stack: bool) -> None:
-        into = lists[level].setdefault(metric, {k: [] for k in ("pred", "true", "domain", "split", "case", "structure")})
-        pred, true = np.asarray(pred, float).ravel(), np.asarray(true, float).ravel()
-        into["pred"] += pred.tolist()
-        into["true"] += true.tolist()
-        into["domain"] += [STACK_DOMAIN if stack else "in"] * pred.size
-        into["split"] += [split] * pred.size
-        into["case"] += [f"{split}/{c}" for c in cases]
-        into["structure"] += ["nuclei"] * pred.size
+        collected.add(level, metric, pred, true, STACK_DOMAIN if stack else "in", split,
+                      [f"{split}/{c}" for c in cases], "nuclei")
 
     for targets, source in ((DEFAULT_TARGETS, info), (("seg",) + distances, distance_info)):
         if targets != DEFAULT_TARGETS and not distances:
@@ -314,7 +308,7 @@ def calibration_pairs(model: QANetQC, data_dir: Path | None = None, scenes: int 
                     value = _true_distance(pred, gt, t, slices=stack)
                     if np.isfinite(value):
                         add("volume", t, [result.extra["image_scores"][t]], [value], split, [i], stack)
-    return {lvl: {m: Pairs.from_lists(**d) for m, d in by.items()} for lvl, by in lists.items()}
+    return collected.pairs()
 
 
 def format_report(results: dict[str, Any]) -> str:

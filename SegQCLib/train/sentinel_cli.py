@@ -100,31 +100,24 @@ def calibration_pairs(model, data_dir: Path, splits=("val",) + EVAL_SPLITS, prog
     ``{"volume": {"dsc": Pairs}, "slice": {"dsc": Pairs}}`` over ``splits`` (validation and test
     structures are names the model was not trained on: domain ``out``; the test subject's are known:
     ``in``). A pair's case is its sample volume; its structure is (split, structure name)."""
-    from ..calibration import Pairs
+    from ..calibration import PairCollector
     from .sentinel_train import evaluate_predictions, predict_set, text_table_for
 
     trained = set(model.trained_structures or ())
-    volume: dict[str, list] = {k: [] for k in ("pred", "true", "domain", "split", "case", "structure")}
-    slices: dict[str, list] = {k: [] for k in ("pred", "true", "domain", "split", "case", "structure")}
-
-    def add(into: dict[str, list], pred, true, names, cases) -> None:
-        into["pred"].extend(np.asarray(pred, float).tolist())
-        into["true"].extend(np.asarray(true, float).tolist())
-        into["domain"].extend("in" if n in trained else "out" for n in names)
-        into["split"].extend([split] * len(names))
-        into["case"].extend(f"{split}/{c}" for c in cases)
-        into["structure"].extend(f"{split}/{n}" for n in names)
-
+    collected = PairCollector()
     for split in splits:
         samples = sample_set(data_dir, split, model.config, progress=progress, log=log)
         pred = predict_set(model.net, samples, text_table_for(samples.names, model.text_encoder),
                            device=str(model.device))
         names = np.asarray(samples.names)
-        add(volume, evaluate_predictions(samples, pred)["volume_pred"], samples.volume_dsc,
-            names[samples.volume_name].tolist(), range(len(samples.volume_dsc)))
         ok = ~np.isnan(samples.dsc)
-        add(slices, pred[ok], samples.dsc[ok], names[samples.name[ok]].tolist(), samples.volume[ok].tolist())
-    return {"volume": {"dsc": Pairs.from_lists(**volume)}, "slice": {"dsc": Pairs.from_lists(**slices)}}
+        for level, p, t, named, cases in (
+                ("volume", evaluate_predictions(samples, pred)["volume_pred"], samples.volume_dsc,
+                 names[samples.volume_name].tolist(), range(len(samples.volume_dsc))),
+                ("slice", pred[ok], samples.dsc[ok], names[samples.name[ok]].tolist(), samples.volume[ok].tolist())):
+            collected.add(level, "dsc", p, t, ["in" if n in trained else "out" for n in named], split,
+                          [f"{split}/{c}" for c in cases], [f"{split}/{n}" for n in named])
+    return collected.pairs()
 
 
 def format_report(results: dict[str, Any]) -> str:
